@@ -1,0 +1,30 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from uv.lock first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.synced
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(BIN)/uv sync --locked --inexact --quiet
+	touch $@
+
+demo: setup
+	$(BIN)/phenotyper simulate --preset immunosep-screening --n 20000 --seed 7 \
+		--output data/simulated/immunosep_screening.parquet
+	$(BIN)/phenotyper validate data/simulated/immunosep_screening.parquet
+
+lint: setup
+	$(BIN)/ruff check phenotyper tests benchmarks
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) data/simulated .pytest_cache
