@@ -23,7 +23,7 @@ SEX_ALIASES: dict[str, str] = {
 def normalise_unit(unit: str) -> str:
     """Fold the spellings of one unit together: case, spaces, micro signs, powers, 'per'."""
     text = unit.strip().lower().replace("µ", "u").replace("μ", "u")
-    text = text.replace("×", "x").replace("**", "^").replace(" per ", "/")
+    text = text.replace("\u00d7", "x").replace("**", "^").replace(" per ", "/")
     text = re.sub(r"\s+", "", text)
     return text.replace("iu/", "u/").replace("mcg", "ug")
 

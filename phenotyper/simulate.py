@@ -12,9 +12,11 @@ an explicit assumption; `calibrate` refits the few parameters that are tuned to 
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -171,6 +173,9 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
 
     columns["sofa"] = np.clip(columns["sofa"], 0, 24)
     columns["age_years"] = np.clip(columns["age_years"], population["age_min_years"], AGE_MAX_YEARS)
+    iced_sample = rng.random(n) < population["iced_sample_share"]
+    iced_factor = np.where(iced_sample, 1 + measurement["iced_hla_dr_bias"], 1.0)
+    columns["hla_dr_mab_per_cell"] = np.round(columns["hla_dr_mab_per_cell"] * iced_factor)
     late_sample = rng.random(n) < population["late_sample_share"]
     columns["hla_dr_mab_per_cell"][~has_flow[site] | late_sample] = np.nan
     for column in CYTOKINES:
@@ -280,3 +285,25 @@ def calibrate(
         "prevalence": dict(zip(PHENOTYPES, np.round(prevalence, 4).tolist(), strict=True)),
         "intercept": dict(zip(PHENOTYPES, np.round(intercept, 3).tolist(), strict=True)),
     }
+
+
+def write_calibration(name: str) -> dict[str, dict[str, float]]:
+    """Recalibrate a shipped preset and rewrite its calibrated values in place (maintainers).
+
+    Run after changing the marker law: `python -c "from phenotyper.simulate import
+    write_calibration as w; w('provide')"`. Only the `value = {...}` of the calibrated
+    parameters changes; notes and layout stay as written.
+    """
+    fit = calibrate(name)
+    path = Path(str(resources.files("phenotyper.presets").joinpath(f"{name}.toml")))
+    text = path.read_text()
+    for key, values in fit.items():
+        inner = ", ".join(f"{phenotype} = {value}" for phenotype, value in values.items())
+        text, count = re.subn(
+            rf"^{key} = \{{ value = \{{[^}}]*\}}", f"{key} = {{ value = {{ {inner} }}",
+            text, flags=re.MULTILINE,
+        )
+        if count != 1:
+            raise PresetError(f"{path}: expected one '{key} = {{ value = ... }}' line")
+    path.write_text(text)
+    return fit

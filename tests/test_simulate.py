@@ -62,7 +62,12 @@ def test_preset_reproduces_its_published_table(name: str, seed: int) -> None:
     for phenotype, target in targets["rule_share"].items():
         assert abs(shares[phenotype] - target) * 100 <= CALIBRATION_TOLERANCE_PP, phenotype
     for phenotype, target in targets["mortality_by_rule"].items():
-        assert abs(mortality[phenotype] - target) * 100 <= CALIBRATION_TOLERANCE_PP, phenotype
+        # A small rule group (screening MALS: ~1400 patients) has a sampling SE above 1 point,
+        # so the tolerance is 2 points or 3 binomial standard errors, whichever is larger.
+        group_size = shares[phenotype] * CALIBRATION_N
+        standard_error_pp = 100 * np.sqrt(target * (1 - target) / group_size)
+        tolerance_pp = max(CALIBRATION_TOLERANCE_PP, 3 * standard_error_pp)
+        assert abs(mortality[phenotype] - target) * 100 <= tolerance_pp, phenotype
 
 
 @pytest.mark.parametrize("name", ["immunosep-screening", "provide"])
