@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.synced
 
@@ -28,3 +28,6 @@ test: setup lint
 
 clean:
 	rm -rf $(VENV) data/simulated .pytest_cache
+
+bench: setup
+	$(BIN)/python benchmarks/simulate_speed.py

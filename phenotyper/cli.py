@@ -3,20 +3,129 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from phenotyper import simulate as simulator
+from phenotyper.cohort import (
+    CohortError,
+    QualityReport,
+    quality_report,
+    read_cohort,
+    write_table,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
-@app.command()
-def simulate() -> None:
-    """Write a synthetic cohort drawn from a calibrated preset."""
+def exit_with_error(message: str) -> NoReturn:
+    """Print a one-paragraph red error on stderr (no traceback) and exit with status 2."""
+    Console(stderr=True).print(Text(f"Error: {message}", style="bold red"), soft_wrap=True)
+    raise typer.Exit(2)
 
 
 @app.command()
-def validate(path: Path) -> None:
+def validate(
+    path: Annotated[Path, typer.Argument(help="Cohort file: CSV, TSV, TXT or Parquet.")],
+    mapping: Annotated[Path | None, typer.Option(
+        help="TOML file mapping the file's columns and units to the panel's.")] = None,
+    issues_out: Annotated[Path | None, typer.Option(
+        help="Write every row-level issue to this CSV file.")] = None,
+) -> None:
     """Read a cohort file and print its data-quality report."""
+    try:
+        cohort = read_cohort(path, mapping)
+    except CohortError as error:
+        exit_with_error(str(error))
+    _print_report(quality_report(cohort))
+    if issues_out is not None:
+        try:
+            cohort.issues.to_csv(issues_out, index=False)
+        except OSError as error:
+            exit_with_error(f"Cannot write the issue list to {issues_out}: {error.strerror}.")
+        Console().print(Text(f"Wrote {len(cohort.issues):,} issues to {issues_out}."))
+
+
+@app.command()
+def simulate(
+    output: Annotated[Path, typer.Option(help="Where to write the cohort: .parquet or .csv.")],
+    preset: Annotated[str, typer.Option(
+        help=f"Simulator preset: {', '.join(simulator.available_presets())}.")
+    ] = "immunosep-screening",
+    n: Annotated[int, typer.Option(min=1, help="Number of patients.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same rows.")] = 0,
+) -> None:
+    """Write a synthetic cohort drawn from a calibrated preset (synthetic data, not evidence)."""
+    try:
+        frame = simulator.simulate(preset, n, seed)
+        write_table(frame, output)
+    except (simulator.PresetError, CohortError) as error:
+        exit_with_error(str(error))
+    except OSError as error:
+        exit_with_error(f"Cannot write {output}: {error.strerror}.")
+    _print_calibration(simulator.load_preset(preset), frame)
+    Console().print(Text(f"Wrote {len(frame):,} synthetic patients to {output}."))
+
+
+def _print_calibration(preset: simulator.Preset, frame) -> None:
+    """The rule's shares and mortality in the simulated cohort beside the preset's targets."""
+    shares, mortality = simulator.rule_shares(frame), simulator.mortality_by_rule(frame)
+    targets = preset["targets"]
+    table = Table(title=f"Preset {preset.name}: ImmunoSep rule on the measured markers")
+    for name in ("rule phenotype", "share", "target", "28-day mortality", "target"):
+        table.add_column(name, justify="left" if name == "rule phenotype" else "right")
+
+    def pct(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.1f}%"
+
+    for label, share in shares.items():
+        table.add_row(label, pct(share), pct(targets["rule_share"].get(label)),
+                      pct(mortality.get(label)), pct(targets["mortality_by_rule"].get(label)))
+    Console().print(table)
+
+
+def _print_report(report: QualityReport) -> None:
+    """Render a quality report as a summary line and two tables."""
+    console = Console()
+    share = 100 * report.n_rows_with_issues / report.n_rows if report.n_rows else 0.0
+    console.print(Text(
+        f"{report.source}: {report.n_rows:,} rows, {report.n_issues:,} issues on "
+        f"{report.n_rows_with_issues:,} rows ({share:.1f}%)", style="bold"))
+    markers = Table(title="Columns (canonical units)")
+    markers.add_column("column", overflow="fold")
+    markers.add_column("read from", overflow="fold")
+    for name in ("missing", "min", "median", "max"):
+        markers.add_column(name, justify="right")
+    for item in report.columns:
+        origin = [] if item.source_column == item.column else [f"'{item.source_column}'"]
+        if item.unit_from != item.unit:
+            origin.append(f"{item.unit_from} -> {item.unit}")
+        stats = ["" if value is None else f"{value:.6g}"
+                 for value in (item.min, item.median, item.max)]
+        markers.add_row(*map(Text, (item.column, ", ".join(origin),
+                                    f"{item.pct_missing:.1f}%", *stats)))
+    console.print(markers)
+    if report.issues:
+        issues = Table(title="Row-level issues")
+        issues.add_column("column", overflow="fold")
+        issues.add_column("kind", overflow="fold")
+        issues.add_column("count", justify="right")
+        issues.add_column("example", overflow="fold")
+        for issue in report.issues:
+            issues.add_row(*map(Text, (issue.column, issue.kind, f"{issue.count:,}",
+                                       f"row {issue.example_row}: {issue.example_value!r}")))
+        console.print(issues)
+    else:
+        console.print(Text("No row-level issues.", style="green"))
+    for column, canonical in report.unmapped.items():
+        console.print(Text(f"Column '{column}' looks like {canonical}: map it in a mapping file "
+                           "(--mapping) to use it.", style="yellow"))
+    if report.absent:
+        console.print(Text(f"Not in the file: {', '.join(report.absent)}.", style="dim"))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
         # Platforms scatter around the reference method: the cohort as a whole is unbiased.
         site_log_bias[column] = bias - site_share @ bias
 
+    iced_sample = rng.random(n) < population["iced_sample_share"]
     factors = rng.standard_normal((n, len(FACTORS)))
     columns: dict[str, np.ndarray] = {}
     for column in LAB_MARKERS:
@@ -165,6 +166,8 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
             log_value += _cv_to_log_sd(law["assay_cv"]) * rng.standard_normal(n)
             if column in site_log_bias:
                 log_value += site_log_bias[column][site]
+            if column == "hla_dr_mab_per_cell":
+                log_value += np.log1p(measurement["iced_hla_dr_bias"]) * iced_sample
             value = np.exp(log_value)
         marker = PANEL[column]
         value = np.round(np.clip(value, marker.low, marker.high), marker.decimals)
@@ -173,9 +176,6 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
 
     columns["sofa"] = np.clip(columns["sofa"], 0, 24)
     columns["age_years"] = np.clip(columns["age_years"], population["age_min_years"], AGE_MAX_YEARS)
-    iced_sample = rng.random(n) < population["iced_sample_share"]
-    iced_factor = np.where(iced_sample, 1 + measurement["iced_hla_dr_bias"], 1.0)
-    columns["hla_dr_mab_per_cell"] = np.round(columns["hla_dr_mab_per_cell"] * iced_factor)
     late_sample = rng.random(n) < population["late_sample_share"]
     columns["hla_dr_mab_per_cell"][~has_flow[site] | late_sample] = np.nan
     for column in CYTOKINES:

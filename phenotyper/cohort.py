@@ -1,0 +1,865 @@
+"""Read a cohort file (CSV or Parquet) into the panel's canonical columns, with row-level issues.
+
+Lab exports are messy: local column names and units, decimal commas, censored results ("<0.5"),
+free text in numeric cells. The reader maps and converts every column to the panel's canonical
+form, never drops or reorders a row, and records each problem cell as a row-level issue instead
+of failing, so a data manager can fix the source. Only whole-file problems (missing or corrupt
+file, no marker column, bad mapping) raise `CohortError`.
+
+A mapping file (TOML) names the file's columns and units when they are not canonical:
+
+    [columns]
+    ferritin_ng_ml = { column = "Ferritin", unit = "ug/L" }
+    patient_id = { column = "MRN" }           # or simply: patient_id = "MRN"
+    sex = { column = "Gender", values = { "1" = "M", "2" = "F" } }
+    [options]
+    decimal = ","                             # "." or ","; default: decide per column
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import re
+import tempfile
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from phenotyper.panel import (
+    CANONICAL_COLUMNS,
+    NUMERIC_MARKERS,
+    PANEL,
+    PATIENT_ID,
+    SEX_ALIASES,
+    SEX_VALUES,
+    Marker,
+    normalise_unit,
+)
+
+CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+ISSUE_COLUMNS = ("row", "column", "source_column", "value", "kind", "detail")
+
+# Issue kinds, one per problem cell.
+CENSORED_LOW = "censored_low"
+CENSORED_HIGH = "censored_high"
+AMBIGUOUS_SEPARATOR = "ambiguous_separator"
+UNPARSEABLE = "unparseable"
+NEGATIVE = "negative"
+IMPLAUSIBLE = "implausible"
+UNKNOWN_CATEGORY = "unknown_category"
+MISSING_ID = "missing_id"
+DUPLICATE_ID = "duplicate_id"
+ISSUE_KINDS = (CENSORED_LOW, CENSORED_HIGH, AMBIGUOUS_SEPARATOR, UNPARSEABLE, NEGATIVE,
+               IMPLAUSIBLE, UNKNOWN_CATEGORY, MISSING_ID, DUPLICATE_ID)
+
+# Cell texts that mean "not measured" (compared stripped and lower-cased): missingness, not issues.
+MISSING_TOKENS = frozenset({"", "na", "n/a", "#n/a", "nan", "null", "none", "-", "."})
+# Scores that only take whole numbers (the panel's `decimals` is display precision, not this).
+INTEGER_MARKERS = frozenset({"sofa"})
+
+_DELIMITERS = (",", ";", "\t", "|")
+_SNIFF_BYTES = 65_536
+_REL_TOLERANCE = 1e-9  # plausible-range bounds are inclusive up to float rounding of conversions
+
+# A plain decimal number: the vectorised fast path casts these straight to float.
+_PLAIN = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+# Unsigned number notations tried on the rest, first full match wins:
+# (name, pattern, replacements giving the decimal reading, replacements giving the grouped one).
+_FORMS: tuple[tuple[str, str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]], ...] = (
+    ("ambiguous_comma", r"\d{1,3},\d{3}", ((",", "."),), ((",", ""),)),
+    ("decimal_comma", r"\d*,\d+", ((",", "."),), ()),
+    ("ambiguous_dot", r"\d{1,3}\.\d{3}", (), ((".", ""),)),
+    ("plain", r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", (), ()),
+    ("grouped_comma", r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", ((",", ""),), ()),
+    ("grouped_dot", r"\d{1,3}(?:\.\d{3})+(?:,\d+)?", ((".", ""), (",", ".")), ()),
+    ("grouped_space", r"\d{1,3}(?:[ \u00a0\u202f']\d{3})+(?:[.,]\d+)?",
+     ((" ", ""), ("\u00a0", ""), ("\u202f", ""), ("'", ""), (",", ".")), ()),
+)
+_FORM_CODE = {name: code for code, (name, *_rest) in enumerate(_FORMS)}
+# Notations that only a decimal-comma writer produces: evidence for reading "4,420" as 4.42.
+_COMMA_EVIDENCE = (_FORM_CODE["decimal_comma"], _FORM_CODE["grouped_dot"])
+
+# Per-cell issue codes of numeric columns, in increasing priority (a cell keeps one issue).
+_CELL_KINDS = (None, AMBIGUOUS_SEPARATOR, CENSORED_LOW, CENSORED_HIGH, UNPARSEABLE, NEGATIVE,
+               IMPLAUSIBLE)
+_CODE = {kind: code for code, kind in enumerate(_CELL_KINDS) if kind}
+
+
+class CohortError(Exception):
+    """A whole-file problem: the message names the file and says how to fix it."""
+
+
+def empty_issues() -> pd.DataFrame:
+    """An issue table with no rows (the shape every `Cohort.issues` has)."""
+    return pd.DataFrame({name: pd.Series(dtype="int64" if name == "row" else "str")
+                         for name in ISSUE_COLUMNS})
+
+
+@dataclass(frozen=True, eq=False)
+class Cohort:
+    """A cohort in canonical form.
+
+    `data` has one row per input row in input order: every canonical column (all-missing when
+    the file lacks it; markers float64 in panel units, sex "F"/"M", ids as strings), then the
+    file's other columns unchanged. `issues` lists problem cells (`ISSUE_COLUMNS`, 1-based
+    data row numbers). `columns` maps each canonical column found to its source column and
+    `units` each marker to the unit its source was in.
+    """
+
+    data: pd.DataFrame
+    issues: pd.DataFrame = field(default_factory=empty_issues)
+    source: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ColumnSource:
+    """Where one canonical column comes from: file column, its unit and conversion factor."""
+
+    column: str
+    unit: str = ""
+    factor: float = 1.0
+    values: dict[str, str] = field(default_factory=dict)  # sex codes (lower-case) -> "F"/"M"
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """A validated mapping file: column sources by canonical name and the decimal mark."""
+
+    path: Path | None = None
+    columns: dict[str, ColumnSource] = field(default_factory=dict)
+    decimal: str | None = None
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_cohort(path: str | Path, mapping: str | Path | None = None) -> Cohort:
+    """Read a CSV/TSV/TXT or Parquet cohort file, optionally through a TOML mapping file."""
+    path = Path(path)
+    column_mapping = read_mapping(mapping) if mapping is not None else ColumnMapping()
+    frame, delimiter = _read_table(path)
+    sources = _resolve_sources(path, [str(c) for c in frame.columns], column_mapping)
+    if not any(name in NUMERIC_MARKERS for name in sources):
+        raise CohortError(_no_marker_message(path, list(frame.columns)))
+
+    data: dict[str, object] = {}
+    issue_parts: list[pd.DataFrame] = []
+    for canonical in CANONICAL_COLUMNS:
+        source = sources.get(canonical)
+        if source is None:
+            data[canonical] = (np.full(len(frame), np.nan) if canonical in NUMERIC_MARKERS
+                               else pd.Series(np.nan, index=frame.index, dtype="str"))
+            continue
+        raw = frame[source.column]
+        if canonical in NUMERIC_MARKERS:
+            values, parts = _read_marker(raw, PANEL[canonical], source,
+                                         column_mapping.decimal, delimiter == ";")
+        elif canonical == "sex":
+            values, parts = _read_sex(raw, source)
+        else:
+            values, parts = _read_id(raw, canonical, source)
+        data[canonical] = values
+        issue_parts.extend(
+            part.assign(column=canonical, source_column=source.column,
+                        column_order=CANONICAL_COLUMNS.index(canonical))
+            for part in parts)
+
+    used = {source.column for source in sources.values()}
+    extras = {name: frame[name] for name in frame.columns if name not in used}
+    result = pd.DataFrame({**data, **extras}, index=pd.RangeIndex(len(frame)))
+    return Cohort(
+        data=result,
+        issues=_collect_issues(issue_parts),
+        source=str(path),
+        columns={name: source.column for name, source in sources.items()},
+        units={name: source.unit for name, source in sources.items() if name in PANEL},
+    )
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, str | None]:
+    """The file as a DataFrame (CSV cells as text) and its delimiter (None for Parquet)."""
+    if not path.exists():
+        nearby = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*")]
+                                           if path.parent.is_dir() else [], n=3)
+        hint = f" Did you mean {_quoted(nearby)}?" if nearby else " Check the path."
+        raise CohortError(f"Cohort file {path} does not exist.{hint}")
+    if not path.is_file():
+        raise CohortError(f"Cohort path {path} is not a file; give a CSV or Parquet file.")
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        frame, delimiter = _read_parquet(path), None
+    elif suffix in CSV_SUFFIXES:
+        frame, delimiter = _read_csv(path)
+    else:
+        raise CohortError(
+            f"Cohort file {path} has an unsupported type '{path.suffix}'. Export it as CSV "
+            f"({', '.join(CSV_SUFFIXES)}) or Parquet ({', '.join(PARQUET_SUFFIXES)}).")
+    if frame.empty:
+        raise CohortError(f"Cohort file {path} has no data rows; export the cohort again.")
+    return frame, delimiter
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """A Parquet file with a fresh row index; a stored pandas index becomes column(s)."""
+    try:
+        frame = pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise CohortError(f"Cohort file {path} is not a readable Parquet file ({error}). "
+                          "Write it again, or export it as CSV.") from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        frame = frame.reset_index()
+    frame.columns = [str(name) for name in frame.columns]
+    return frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
+
+
+def _read_csv(path: Path) -> tuple[pd.DataFrame, str]:
+    """A delimited text file read entirely as text, after sniffing encoding and delimiter."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except OSError as error:
+        raise CohortError(f"Cannot read cohort file {path}: {error.strerror}.") from None
+    if not head.strip():
+        raise CohortError(f"Cohort file {path} is empty; export the cohort again.")
+    utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff")
+    if not utf16 and (head.startswith(b"PK\x03\x04") or b"\x00" in head):
+        raise CohortError(f"Cohort file {path} is not a text file (an Excel workbook?). "
+                          "Save it as CSV, or as Parquet with a .parquet name.")
+    encoding = "utf-16" if utf16 else "utf-8-sig"
+    delimiter = _sniff_delimiter(head.decode(encoding, errors="replace"))
+    try:
+        return _read_delimited(path, delimiter, encoding), delimiter
+    except UnicodeDecodeError:
+        if utf16:
+            raise CohortError(f"Cohort file {path} is not valid UTF-16 text; export it "
+                              "again as UTF-8 CSV.") from None
+    # not UTF-8: most likely a Windows export; latin-1 decodes any byte sequence
+    return _read_delimited(path, delimiter, "latin-1"), delimiter
+
+
+def _read_delimited(path: Path, delimiter: str, encoding: str) -> pd.DataFrame:
+    """Every cell as text, no NA conversion; a ragged table is a CohortError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False,
+                                na_filter=False, index_col=False, encoding=encoding)
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"Cohort file {path} is empty; export the cohort again.") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
+        name = "tab" if delimiter == "\t" else f"'{delimiter}'"
+        where = re.search(r"Expected \d+ fields in line \d+, saw \d+", str(error))
+        raise CohortError(
+            f"Cohort file {path} is not a consistent {name}-delimited table: rows have more "
+            f"fields than the header ({where.group(0) if where else 'from the first row on'})."
+            " Check the delimiter and quoting (in a comma-delimited file, decimal commas must "
+            "be quoted).") from None
+    return frame.fillna("")
+
+
+def _sniff_delimiter(head: str) -> str:
+    """The delimiter that splits the header, preferring one that splits every first line alike.
+
+    Ties go to more header fields; a file no candidate splits is one ','-delimited column.
+    """
+    lines = head.splitlines()
+    if len(lines) > 1 and not head.endswith(("\n", "\r")):
+        lines = lines[:-1]  # the last line may be cut off by the sniff window
+    lines = [line for line in lines[:50] if line.strip()]
+
+    def score(delimiter: str) -> tuple[bool, bool, int]:
+        counts = [len(fields) for fields in csv.reader(lines, delimiter=delimiter)] or [0]
+        return counts[0] > 1, len(set(counts)) == 1, counts[0]
+
+    best = max(_DELIMITERS, key=score)
+    return best if score(best)[0] else ","
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table as Parquet or CSV (by suffix), atomically: a reader never sees half a file.
+
+    The table goes to a temporary file in the same folder, which then replaces `path`, so an
+    interrupted write leaves the old file (or none), never a truncated one.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (*PARQUET_SUFFIXES, ".csv"):
+        raise CohortError(
+            f"Cannot write {path}: use a .parquet or .csv file name "
+            f"(got '{path.suffix or 'no suffix'}').")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        if suffix == ".csv":
+            pa_csv.write_csv(table, temporary)
+        else:
+            pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- mapping --------------------------------------------------------------------------------
+
+
+def read_mapping(path: str | Path) -> ColumnMapping:
+    """Read and validate a TOML mapping file (format in the module docstring)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise CohortError(f"Mapping file {path} does not exist; check the path.") from None
+    except OSError as error:
+        raise CohortError(f"Cannot read mapping file {path}: {error.strerror}.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise CohortError(f"Mapping file {path} is not valid TOML ({error}); see "
+                          "'[columns]' examples in the phenotyper.cohort docs.") from None
+    _check_keys(path, "the top level", document, ("columns", "options"))
+    columns = _table(path, "[columns]", document.get("columns", {}))
+    options = _table(path, "[options]", document.get("options", {}))
+    _check_keys(path, "[options]", options, ("decimal",))
+    decimal = options.get("decimal")
+    if decimal not in (None, ".", ","):
+        raise CohortError(f"Mapping file {path}: [options] decimal must be \".\" or \",\", "
+                          f"not {decimal!r}.")
+    sources = {key: _column_source(path, key, entry) for key, entry in columns.items()}
+    return ColumnMapping(path=path, columns=sources, decimal=decimal)
+
+
+def _column_source(path: Path, key: str, entry: object) -> ColumnSource:
+    """One validated `[columns]` entry."""
+    if key not in CANONICAL_COLUMNS:
+        near = (difflib.get_close_matches(key, CANONICAL_COLUMNS, n=1) or [_suggest(key)])[0]
+        hint = f" Did you mean {near}?" if near else ""
+        raise CohortError(f"Mapping file {path}: [columns] has unknown column {key!r}.{hint} "
+                          f"Canonical columns are: {', '.join(CANONICAL_COLUMNS)}.")
+    where = f"[columns] {key}"
+    if isinstance(entry, str):
+        entry = {"column": entry}
+    entry = _table(path, where, entry)
+    allowed = ("column", "unit") if key in NUMERIC_MARKERS else ("column",)
+    _check_keys(path, where, entry, (*allowed, "values") if key == "sex" else allowed)
+    column = entry.get("column", key)
+    if not isinstance(column, str):
+        raise CohortError(f"Mapping file {path}: {where} column must be a text, not {column!r}.")
+    if key == "sex":
+        return ColumnSource(column, PANEL[key].unit, values=_sex_values(path, entry))
+    if key not in NUMERIC_MARKERS:
+        return ColumnSource(column)
+    marker = PANEL[key]
+    unit = entry.get("unit", marker.unit)
+    factor = marker.factor(unit) if isinstance(unit, str) else None
+    if factor is None:
+        accepted = list(dict.fromkeys([marker.unit, *marker.units]))
+        by_norm = {normalise_unit(name): name for name in accepted}
+        near = difflib.get_close_matches(normalise_unit(str(unit)), list(by_norm), n=1)
+        hint = f" Did you mean '{by_norm[near[0]]}'?" if near else ""
+        raise CohortError(f"Mapping file {path}: {where} has unknown unit {unit!r} for "
+                          f"{marker.label}.{hint} Accepted units: {', '.join(accepted)}.")
+    return ColumnSource(column, unit, factor)
+
+
+def _sex_values(path: Path, entry: dict) -> dict[str, str]:
+    """The `values` table of the sex entry: file codes (lower-cased) to "F"/"M"."""
+    values = _table(path, "[columns] sex values", entry.get("values", {}))
+    bad = {code: label for code, label in values.items()
+           if not isinstance(label, str) or label.strip().upper() not in SEX_VALUES}
+    if bad:
+        raise CohortError(f"Mapping file {path}: [columns] sex values must map codes to "
+                          f"\"F\" or \"M\"; fix {bad}.")
+    return {code.strip().lower(): label.strip().upper() for code, label in values.items()}
+
+
+def _table(path: Path, where: str, value: object) -> dict:
+    if not isinstance(value, dict):
+        raise CohortError(f"Mapping file {path}: {where} must be a table such as "
+                          f"{{ column = \"...\" }}, not {value!r}.")
+    return value
+
+
+def _check_keys(path: Path, where: str, table: dict, allowed: tuple[str, ...]) -> None:
+    for key in table:
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise CohortError(f"Mapping file {path}: {where} has unknown key {key!r}.{hint} "
+                              f"Allowed: {', '.join(allowed)}.")
+
+
+def _resolve_sources(path: Path, file_columns: list[str], mapping: ColumnMapping
+                     ) -> dict[str, ColumnSource]:
+    """Source of each canonical column: the mapping's entry, else a same-named file column."""
+    sources: dict[str, ColumnSource] = {}
+    for canonical in CANONICAL_COLUMNS:
+        source = mapping.columns.get(canonical)
+        if source is None:
+            if canonical in file_columns:
+                unit = PANEL[canonical].unit if canonical in PANEL else ""
+                sources[canonical] = ColumnSource(canonical, unit)
+            continue
+        if source.column not in file_columns:
+            lower = {name.lower(): name for name in file_columns}
+            near = ([lower[source.column.lower()]] if source.column.lower() in lower
+                    else difflib.get_close_matches(source.column, file_columns, n=3))
+            hint = f" Did you mean {_quoted(near)}?" if near else ""
+            raise CohortError(
+                f"Mapping file {mapping.path}: [columns] {canonical} reads column "
+                f"'{source.column}', which is not in {path}.{hint} The file's columns are: "
+                f"{_column_list(file_columns)}.")
+        if canonical in file_columns and source.column != canonical:
+            raise CohortError(
+                f"Mapping file {mapping.path}: [columns] {canonical} reads column "
+                f"'{source.column}', but {path} also has a column named {canonical}. Map "
+                f"{canonical} to that column or rename one of the two in the file.")
+        sources[canonical] = source
+    by_column: dict[str, str] = {}
+    for canonical, source in sources.items():
+        if source.column in by_column:
+            raise CohortError(
+                f"Mapping file {mapping.path}: column '{source.column}' of {path} is used for "
+                f"both {by_column[source.column]} and {canonical}; each file column can feed "
+                "one canonical column.")
+        by_column[source.column] = canonical
+    return sources
+
+
+# --- suggestions ----------------------------------------------------------------------------
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _aliases() -> dict[str, str]:
+    """Squashed names a column may go by (name prefixes, labels) -> canonical column."""
+    aliases: dict[str, str] = {}
+    for name in CANONICAL_COLUMNS:
+        parts = name.split("_")
+        spellings = ["_".join(parts[:k]) for k in range(len(parts), 0, -1)]
+        if name in PANEL:
+            spellings.append(PANEL[name].label)
+        for spelling in spellings:
+            if len(_squash(spelling)) >= 3:
+                aliases.setdefault(_squash(spelling), name)
+    return aliases
+
+
+_ALIASES = _aliases()
+
+
+def _suggest(column: str) -> str | None:
+    """The canonical column a file column name most likely means, if any looks close."""
+    squashed = _squash(re.sub(r"[(\[].*?[)\]]", "", column)) or _squash(column)
+    if squashed in _ALIASES:
+        return _ALIASES[squashed]
+    near = difflib.get_close_matches(squashed, list(_ALIASES), n=1, cutoff=0.8)
+    return _ALIASES[near[0]] if near else None
+
+
+def _no_marker_message(path: Path, file_columns: list[str]) -> str:
+    """Why a file has no usable marker column, and the mapping that would fix it."""
+    suggestions = {name: _suggest(name) for name in file_columns}
+    suggestions = {name: canonical for name, canonical in suggestions.items() if canonical}
+    message = (f"Cohort file {path} has no recognised marker column. The file's columns are: "
+               f"{_column_list(file_columns)}.")
+    if len(file_columns) == 1:
+        message += (" Only one column was found: is the file delimited by something other than "
+                    "',', ';', tab or '|'?")
+    if suggestions:
+        looks = ", ".join(f"'{name}' looks like {canonical}"
+                          for name, canonical in suggestions.items())
+        markers = [(name, PANEL[canonical]) for name, canonical in suggestions.items()
+                   if canonical in NUMERIC_MARKERS]
+        example = ""
+        if markers:
+            name, marker = markers[0]
+            unit = _unit_in_name(name, marker) or marker.unit
+            example = (f" with, e.g., [columns] {marker.column} = {{ column = \"{name}\", "
+                       f"unit = \"{unit}\" }} giving the unit the file uses,")
+        message += (f" {looks}. Write a mapping file (TOML){example} and pass it with "
+                    "--mapping.")
+    else:
+        message += (" Rename the marker columns to canonical names (e.g. ferritin_ng_ml) or "
+                    "write a mapping file and pass it with --mapping.")
+    return message
+
+
+def _unit_in_name(column: str, marker: Marker) -> str | None:
+    """A known unit written in brackets in a column name, e.g. 'CRP (mg/dL)'."""
+    found = re.search(r"[(\[]([^)\]]+)[)\]]", column)
+    if found and marker.factor(found.group(1)) is not None:
+        return found.group(1).strip()
+    return None
+
+
+def _quoted(names: list[str]) -> str:
+    return " or ".join(f"'{name}'" for name in names)
+
+
+def _column_list(names: list[str], limit: int = 40) -> str:
+    shown = ", ".join(f"'{name}'" for name in names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+# --- cells ----------------------------------------------------------------------------------
+
+
+def _text(raw: pd.Series) -> pd.Series:
+    """Cells as stripped text ("" when null); whole numbers print without '.0' (ids, codes)."""
+    if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+        numbers = raw.astype("float64").dropna()
+        if np.isfinite(numbers).all() and (numbers % 1 == 0).all():
+            raw = raw.astype("Int64")
+    return raw.astype("str").fillna("").str.strip()
+
+
+def _is_missing(text: pd.Series) -> np.ndarray:
+    return text.str.lower().isin(MISSING_TOKENS).to_numpy(dtype=bool)
+
+
+def _cast(text: pd.Series, where: np.ndarray | None = None) -> np.ndarray:
+    """Floats of strings that are plain decimal numbers where `where` is true (else NaN).
+
+    A vectorised Arrow cast; masking instead of subsetting spares a copy of the column.
+    """
+    strings = pa.array(text, type=pa.large_string())
+    if where is not None:
+        strings = pc.if_else(pa.array(where), strings, pa.scalar(None, pa.large_string()))
+    # np.array copies: the Arrow buffer is read-only and callers assign into the result
+    return np.array(pc.cast(strings, pa.float64()).to_numpy(zero_copy_only=False))
+
+
+def _replace(text: pd.Series, replacements: tuple[tuple[str, str], ...]) -> pd.Series:
+    for old, new in replacements:
+        text = text.str.replace(old, new, regex=False)
+    return text
+
+
+_COMMA, _DOT = 1, 2  # which separator made a cell's reading ambiguous
+
+
+@dataclass
+class _Numbers:
+    """Numeric cells of one column in source units, with per-cell issue codes."""
+
+    value: np.ndarray  # float64, NaN = missing
+    code: np.ndarray  # int8 index into _CELL_KINDS
+    other: np.ndarray  # the reading not taken for an ambiguous separator, else NaN
+    ambiguous: np.ndarray  # int8: 0, _COMMA or _DOT
+    reason: dict[int, str]  # _COMMA/_DOT -> why such cells were read as they were
+
+
+def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool) -> _Numbers:
+    """Parse stripped cell texts: fast Arrow cast of plain numbers, regex forms for the rest.
+
+    A lone separator followed by exactly three digits ("4,420", "4.420") can be a decimal mark
+    or a thousands separator. `decimal` (from the mapping) decides; in auto mode a comma is
+    decimal in ';'-delimited files or in columns with other decimal-comma values, a dot is a
+    thousands separator only in columns with decimal-comma values, and each such cell is an
+    `ambiguous_separator` issue.
+    """
+    n = len(text)
+    code = np.zeros(n, dtype=np.int8)
+    other = np.full(n, np.nan)
+    ambiguous = np.zeros(n, dtype=np.int8)
+    plain = text.str.fullmatch(_PLAIN).to_numpy(dtype=bool)
+    value = _cast(text, where=plain)
+    rest = np.flatnonzero(~plain)
+    rest = rest[~_is_missing(text.iloc[rest])]
+    messy = _parse_messy(text.iloc[rest])
+    value[rest], code[rest] = messy["value"], messy["code"]
+
+    auto = decimal is None
+    evidence = bool(np.isin(messy["form"], _COMMA_EVIDENCE).any())
+    comma_decimal = decimal == "," or (auto and (semicolon or evidence))
+    dot_grouping = decimal == "," or (auto and evidence)
+    comma = messy["form"] == _FORM_CODE["ambiguous_comma"]
+    # (separator, cells, their grouped reading, whether the grouped reading is taken)
+    candidates = [(_COMMA, rest[comma], messy["grouped"][comma], not comma_decimal)]
+    if dot_grouping:
+        dot = messy["form"] == _FORM_CODE["ambiguous_dot"]
+        # a plain "4.420" took the fast path
+        fast = np.flatnonzero(text.str.fullmatch(r"[+-]?\d{1,3}\.\d{3}").to_numpy(bool))
+        grouped_fast = _cast(text.iloc[fast].str.replace(".", "", regex=False))
+        candidates.append((_DOT, np.concatenate([rest[dot], fast]),
+                           np.concatenate([messy["grouped"][dot], grouped_fast]), True))
+    for separator, cells, grouped, take_grouped in candidates:
+        as_decimal = value[cells]
+        value[cells], other[cells] = ((grouped, as_decimal) if take_grouped
+                                      else (as_decimal, grouped))
+        if auto:
+            ambiguous[cells] = separator
+    code[(code == 0) & (ambiguous > 0)] = _CODE[AMBIGUOUS_SEPARATOR]
+    because = ("the file is ';'-delimited" if semicolon
+               else "other values in this column use a decimal comma")
+    reason = {
+        _COMMA: f"comma read as decimal mark: {because}" if comma_decimal
+        else "comma read as thousands separator: no value in this column uses a decimal comma",
+        _DOT: "dot read as thousands separator: other values in this column use a decimal comma",
+    }
+    return _Numbers(value, code, other, ambiguous, reason)
+
+
+def _parse_messy(text: pd.Series) -> dict[str, np.ndarray]:
+    """Cells that are not plain numbers: censoring, signs, separators; else unparseable.
+
+    Returns `value` (ambiguous separators read as decimal marks), `grouped` (their reading as
+    thousands separators), `form` (index into _FORMS, -1 = unparseable) and issue `code`.
+    """
+    m = len(text)
+    low, high, negative = (np.zeros(m, dtype=bool) for _ in range(3))
+    prefixed = np.flatnonzero(text.str.match("[<>+\\-\u2212\u2264\u2265]").to_numpy(bool))
+    if prefixed.size:  # only these cells pay for the prefix handling
+        head = _replace(text.iloc[prefixed], (("\u2212", "-"), ("\u2264", "<="), ("\u2265", ">=")))
+        low[prefixed] = head.str.startswith("<").to_numpy(dtype=bool)
+        high[prefixed] = head.str.startswith(">").to_numpy(dtype=bool)
+        head = head.where(~(low | high)[prefixed], head.str.lstrip("<>=").str.lstrip())
+        negative[prefixed] = head.str.startswith("-").to_numpy(dtype=bool)
+        signed = negative[prefixed] | head.str.startswith("+").to_numpy(dtype=bool)
+        text = text.copy()
+        text.iloc[prefixed] = head.where(~signed, head.str.slice(1).str.lstrip()).to_numpy()
+
+    form = np.full(m, -1, dtype=np.int8)
+    todo = np.arange(m)
+    for code, (_name, pattern, _decimal, _grouped) in enumerate(_FORMS):
+        if not todo.size:
+            break
+        hit = text.iloc[todo].str.fullmatch(pattern).to_numpy(dtype=bool)
+        form[todo[hit]] = code
+        todo = todo[~hit]
+    value = np.full(m, np.nan)
+    grouped = np.full(m, np.nan)
+    for code, (_name, _pattern, to_decimal, to_grouped) in enumerate(_FORMS):
+        cells = np.flatnonzero(form == code)
+        if cells.size:
+            value[cells] = _cast(_replace(text.iloc[cells], to_decimal))
+            if to_grouped:
+                grouped[cells] = _cast(_replace(text.iloc[cells], to_grouped))
+    sign = np.where(negative, -1.0, 1.0)
+    codes = np.select([form < 0, low, high],
+                      [_CODE[UNPARSEABLE], _CODE[CENSORED_LOW], _CODE[CENSORED_HIGH]], 0)
+    return {"value": sign * value, "grouped": sign * grouped, "form": form,
+            "code": codes.astype(np.int8)}
+
+
+def _read_marker(raw: pd.Series, marker: Marker, source: ColumnSource, decimal: str | None,
+                 semicolon: bool) -> tuple[np.ndarray, list[pd.DataFrame]]:
+    """One numeric marker in canonical units, and its issues (without column names)."""
+    n = len(raw)
+    if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+        numbers = _Numbers(raw.to_numpy(dtype="float64", na_value=np.nan),
+                           np.zeros(n, np.int8), np.full(n, np.nan), np.zeros(n, np.int8), {})
+    else:
+        numbers = _parse_numbers(_text(raw), decimal, semicolon)
+    value = numbers.value * source.factor
+    code = numbers.code
+    with np.errstate(invalid="ignore"):
+        negative = value < 0
+        outside = ((value < marker.low * (1 - _REL_TOLERANCE))
+                   | (value > marker.high * (1 + _REL_TOLERANCE)))
+    not_whole = np.zeros(n, dtype=bool)
+    if marker.column in INTEGER_MARKERS:
+        not_whole = np.isfinite(value) & (value != np.round(value))
+    code[negative] = _CODE[NEGATIVE]
+    code[~negative & (outside | not_whole)] = _CODE[IMPLAUSIBLE]
+    parts = []
+    for kind_code in np.unique(code[code > 0]):
+        rows, kind = np.flatnonzero(code == kind_code), _CELL_KINDS[kind_code]
+        detail = _marker_detail(kind, rows, value, numbers, marker, source, not_whole)
+        parts.append(_issues(rows, raw, kind, detail))
+    value[code >= _CODE[UNPARSEABLE]] = np.nan
+    return value, parts
+
+
+def _marker_detail(kind: str, rows: np.ndarray, value: np.ndarray, numbers: _Numbers,
+                   marker: Marker, source: ColumnSource, not_whole: np.ndarray) -> pd.Series:
+    """The human sentence for each issue of one kind in a numeric column."""
+    converted = f" (converted from {source.unit})" if source.factor != 1 else ""
+    shown = _numbers(value[rows]) + f" {marker.unit}{converted}"
+    bounds = f"{_number(marker.low)} to {_number(marker.high)} {marker.unit}"
+    if kind in (CENSORED_LOW, CENSORED_HIGH):
+        limit = "below the detection" if kind == CENSORED_LOW else "above the reporting"
+        detail = f"{limit} limit; kept at the bound " + shown
+        if numbers.ambiguous[rows].any():
+            detail = detail.where(numbers.ambiguous[rows] == 0,
+                                  detail + "; " + _ambiguity(numbers, rows))
+        return detail
+    if kind == AMBIGUOUS_SEPARATOR:
+        return _ambiguity(numbers, rows)
+    if kind == IMPLAUSIBLE:
+        detail = shown + f" is outside the plausible range {bounds}; set to missing"
+        return detail.where(~not_whole[rows], f"{marker.label} must be a whole number from "
+                                              f"{bounds}; set to missing")
+    sentence = "negative value" if kind == NEGATIVE else "not a number"
+    return pd.Series(f"{sentence}; set to missing", index=range(len(rows)))
+
+
+def _ambiguity(numbers: _Numbers, rows: np.ndarray) -> pd.Series:
+    """Detail for ambiguous separators: the reading taken, the other one, and why."""
+    reason = pd.Series(numbers.ambiguous[rows]).map(numbers.reason)
+    return ("read as " + _numbers(numbers.value[rows]) + ", not " + _numbers(numbers.other[rows])
+            + " (" + reason + "); set [options] decimal in a mapping file to decide")
+
+
+def _read_sex(raw: pd.Series, source: ColumnSource) -> tuple[pd.Series, list[pd.DataFrame]]:
+    """Sex as "F"/"M" from panel aliases or the mapping's codes; others are issues."""
+    text = _text(raw)
+    lookup = {**SEX_ALIASES, **source.values}
+    sex = text.str.lower().map(lookup).astype("str")
+    unknown = np.flatnonzero(sex.isna().to_numpy() & ~_is_missing(text))
+    accepted = ", ".join(sorted(lookup))
+    detail = pd.Series(f"not a recognised sex code (accepted: {accepted}; add codes under sex "
+                       "values in a mapping file); set to missing", index=range(len(unknown)))
+    return sex, [_issues(unknown, raw, UNKNOWN_CATEGORY, detail)]
+
+
+def _read_id(raw: pd.Series, canonical: str, source: ColumnSource
+             ) -> tuple[pd.Series, list[pd.DataFrame]]:
+    """An identifier as text; for patient_id, missing and repeated ids are issues."""
+    text = _text(raw)
+    ids = text.where(~_is_missing(text)).astype("str")
+    if canonical != PATIENT_ID:
+        return ids, []
+    missing = np.flatnonzero(ids.isna().to_numpy())
+    codes = pd.factorize(ids)[0]  # -1 for missing ids
+    positions = np.arange(len(ids))
+    first = pd.Series(positions).groupby(codes).transform("min").to_numpy()
+    duplicate = np.flatnonzero((codes >= 0) & (first != positions))
+    return ids, [
+        _issues(missing, raw, MISSING_ID,
+                pd.Series("patient_id is missing", index=range(len(missing)))),
+        _issues(duplicate, raw, DUPLICATE_ID,
+                "same patient_id as row " + pd.Series(first[duplicate] + 1).astype("str")),
+    ]
+
+
+def _issues(rows: np.ndarray, raw: pd.Series, kind: str, detail: pd.Series) -> pd.DataFrame:
+    """Issue rows (0-based positions in, 1-based row numbers out) without column names."""
+    return pd.DataFrame({
+        "row": rows + 1,
+        "value": raw.iloc[rows].astype("str").fillna("").reset_index(drop=True),
+        "kind": kind,
+        "detail": detail,
+    })
+
+
+def _collect_issues(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """All issues in row order, then canonical column order (parts carry `column_order`)."""
+    parts = [part for part in parts if len(part)]
+    if not parts:
+        return empty_issues()
+    issues = pd.concat(parts, ignore_index=True)
+    order = np.lexsort((issues["column_order"].to_numpy(), issues["row"].to_numpy()))
+    return issues.iloc[order][list(ISSUE_COLUMNS)].astype({"row": "int64"}).reset_index(
+        drop=True)
+
+
+def _numbers(values: np.ndarray) -> pd.Series:
+    """Numbers as short text for issue details (8 significant digits, no separators)."""
+    return pd.Series([_number(value) for value in values.tolist()], dtype="str")
+
+
+def _number(value: float) -> str:
+    return f"{value:.8g}"
+
+
+# --- quality report -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnQuality:
+    """Missingness and range of one canonical column found in the file (canonical units)."""
+
+    column: str
+    source_column: str
+    unit: str  # canonical unit ("" for identifiers)
+    unit_from: str  # unit the source was in
+    n_missing: int
+    pct_missing: float
+    min: float | None
+    median: float | None
+    max: float | None
+
+
+@dataclass(frozen=True)
+class IssueCount:
+    """How often one kind of issue occurs in one column, with the first example."""
+
+    column: str
+    kind: str
+    count: int
+    example_row: int
+    example_value: str
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Plain-data summary of a cohort's quality, for printing or saving."""
+
+    source: str
+    n_rows: int
+    n_issues: int
+    n_rows_with_issues: int
+    columns: tuple[ColumnQuality, ...]
+    issues: tuple[IssueCount, ...]
+    absent: tuple[str, ...]  # canonical columns the file does not have
+    unmapped: dict[str, str]  # file column -> absent canonical column it looks like
+
+
+def quality_report(cohort: Cohort) -> QualityReport:
+    """Summarise rows, issues, and per-column missingness and range of a cohort."""
+    data, issues = cohort.data, cohort.issues
+    n_rows = len(data)
+    columns = []
+    for name, source_column in cohort.columns.items():
+        series = data[name]
+        n_missing = int(series.isna().sum())
+        present = series.dropna().to_numpy(dtype=float) if name in NUMERIC_MARKERS else []
+        stats = ((float(np.min(present)), float(np.median(present)), float(np.max(present)))
+                 if len(present) else (None, None, None))
+        unit = PANEL[name].unit if name in PANEL else ""
+        columns.append(ColumnQuality(
+            name, source_column, unit, cohort.units.get(name, unit), n_missing,
+            100.0 * n_missing / n_rows if n_rows else 0.0, *stats))
+    grouped = issues.groupby(["column", "kind"], sort=False).agg(
+        count=("row", "size"), example_row=("row", "first"), example_value=("value", "first"))
+    order = {name: k for k, name in enumerate(CANONICAL_COLUMNS)}
+    counts = sorted(
+        (IssueCount(column, kind, int(row["count"]), int(row["example_row"]),
+                    str(row["example_value"])) for (column, kind), row in grouped.iterrows()),
+        key=lambda item: (order.get(item.column, len(order)), ISSUE_KINDS.index(item.kind)))
+    absent = tuple(name for name in CANONICAL_COLUMNS if name not in cohort.columns)
+    extras = [name for name in data.columns if name not in CANONICAL_COLUMNS]
+    suggested = {name: _suggest(name) for name in extras}
+    return QualityReport(
+        source=cohort.source,
+        n_rows=n_rows,
+        n_issues=len(issues),
+        n_rows_with_issues=int(issues["row"].nunique()),
+        columns=tuple(columns),
+        issues=tuple(counts),
+        absent=absent,
+        unmapped={name: canonical for name, canonical in suggested.items()
+                  if canonical in absent},
+    )

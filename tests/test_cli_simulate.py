@@ -1,0 +1,87 @@
+"""`phenotyper simulate`: what it writes reads back unchanged, and errors are clear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from phenotyper.cli import app
+from phenotyper.cohort import CohortError, read_cohort, write_table
+from phenotyper.simulate import simulate
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_simulated_file_reads_back_as_the_same_cohort_with_no_issues(
+    tmp_path: Path, suffix: str
+) -> None:
+    output = tmp_path / f"cohort{suffix}"
+    result = runner.invoke(
+        app, ["simulate", "--preset", "provide", "--n", "2000", "--seed", "4",
+              "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 2,000 synthetic patients" in result.stdout
+    assert "20.0%" in result.stdout  # the preset's MALS target is shown beside the result
+
+    expected = simulate("provide", 2000, seed=4)
+    cohort = read_cohort(output)
+    assert cohort.issues.empty
+    for column in expected.columns:
+        left, right = cohort.data[column], expected[column]
+        if pd.api.types.is_numeric_dtype(right):
+            pd.testing.assert_series_equal(left.astype(float), right.astype(float),
+                                           check_names=False)
+        else:
+            assert left.astype(str).tolist() == right.astype(str).tolist(), column
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--preset", "provde"], "Did you mean 'provide'?"),
+        (["--output-bad"], None),
+    ],
+)
+def test_bad_arguments_fail_without_traceback(
+    tmp_path: Path, args: list[str], expected: str | None
+) -> None:
+    result = runner.invoke(app, ["simulate", "--output", str(tmp_path / "c.csv"), *args])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    if expected:
+        assert expected in result.stderr
+    assert not (tmp_path / "c.csv").exists()
+
+
+def test_unsupported_output_suffix_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--n", "10", "--output", str(tmp_path / "c.xlsx")])
+    assert result.exit_code == 2
+    assert "c.xlsx" in result.stderr and ".parquet or .csv" in result.stderr
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_debris(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "cohort.parquet"
+    old = simulate("provide", 50, seed=1)
+    write_table(old, target)
+
+    def write_half_then_fail(table, where, **kwargs):  # a disk that fills up mid-write
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", write_half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write_table(simulate("provide", 80, seed=2), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort.parquet"]
+    pd.testing.assert_frame_equal(pd.read_parquet(target), old)
+
+
+def test_write_table_refuses_an_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(CohortError, match=r"\.parquet or \.csv"):
+        write_table(simulate("provide", 5, seed=1), tmp_path / "cohort.json")

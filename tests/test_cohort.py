@@ -1,0 +1,556 @@
+"""The cohort reader: messy lab values, units, mappings, clear whole-file errors."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from phenotyper.cohort import (
+    ISSUE_COLUMNS,
+    CohortError,
+    quality_report,
+    read_cohort,
+)
+from phenotyper.panel import CANONICAL_COLUMNS, NUMERIC_MARKERS, PANEL
+
+# The spec's missing-value spellings, written out independently of the code under test.
+MISSING_SPELLINGS = ["", "   ", "NA", "na", "N/A", "n/a", "#N/A", "NaN", "nan", "null", "NULL",
+                     "None", "-", "."]
+
+# Reference conversions (value in unit x factor = value in the panel's canonical unit), from
+# the clinical equivalences themselves, not from panel.py:
+#   ferritin 1 ng/mL = 1 ug/L = 2.247 pmol/L; CRP 1 mg/dL = 10 mg/L; bilirubin 17.1 umol/L =
+#   1 mg/dL; triglycerides 1 mmol/L = 88.57 mg/dL; creatinine 88.42 umol/L = 1 mg/dL; lactate
+#   9.01 mg/dL = 1 mmol/L; 1 ukat/L = 60 U/L; 10^9/L = 10^3/uL = 1000 cells/uL; D-dimer
+#   DDU = FEU / 2; 1 ng/mL = 1000 pg/mL; 1 year = 12 months.
+CELL_COUNT = {"10^9/L": 1, "10e9/L": 1, "x10^9/L": 1, "G/L": 1, "10*9/L": 1, "10^3/uL": 1,
+              "x10^3/uL": 1, "K/uL": 1, "10^3/mm3": 1, "thou/uL": 1,
+              "/uL": 1 / 1000, "cells/uL": 1 / 1000, "/mm3": 1 / 1000, "cells/mm3": 1 / 1000}
+CYTOKINE = {"pg/mL": 1, "ng/L": 1, "ng/mL": 1000}
+ENZYME = {"U/L": 1, "IU/L": 1, "ukat/L": 60}
+REFERENCE_FACTORS: dict[str, dict[str, float]] = {
+    "ferritin_ng_ml": {"ng/mL": 1, "ug/L": 1, "mg/L": 1000, "pmol/L": 1 / 2.247},
+    "hla_dr_mab_per_cell": {"antibodies/cell": 1, "mAb/cell": 1, "AB/c": 1, "ABC": 1,
+                            "mAb/monocyte": 1, "antibodies bound per cell": 1},
+    "crp_mg_l": {"mg/L": 1, "ug/mL": 1, "mg/dL": 10},
+    "pct_ng_ml": {"ng/mL": 1, "ug/L": 1, "pg/mL": 1 / 1000},
+    "il6_pg_ml": CYTOKINE,
+    "il10_pg_ml": CYTOKINE,
+    "lymphocytes_10e9_l": CELL_COUNT,
+    "neutrophils_10e9_l": CELL_COUNT,
+    "monocytes_10e9_l": CELL_COUNT,
+    "platelets_10e9_l": CELL_COUNT,
+    "fibrinogen_g_l": {"g/L": 1, "mg/dL": 1 / 100, "mg/L": 1 / 1000},
+    "d_dimer_mg_l": {"mg/L FEU": 1, "mg/L": 1, "ug/mL": 1, "ug/mL FEU": 1, "ng/mL": 1 / 1000,
+                     "ng/mL FEU": 1 / 1000, "ug/L": 1 / 1000, "ug/L FEU": 1 / 1000,
+                     "mg/L DDU": 2, "ng/mL DDU": 2 / 1000, "ug/L DDU": 2 / 1000},
+    "ast_u_l": ENZYME,
+    "alt_u_l": ENZYME,
+    "bilirubin_mg_dl": {"mg/dL": 1, "umol/L": 1 / 17.1},
+    "triglycerides_mg_dl": {"mg/dL": 1, "mmol/L": 88.57},
+    "lactate_mmol_l": {"mmol/L": 1, "mEq/L": 1, "mg/dL": 1 / 9.01},
+    "creatinine_mg_dl": {"mg/dL": 1, "umol/L": 1 / 88.42, "mmol/L": 1000 / 88.42},
+    "sofa": {"points": 1, "score": 1},
+    "age_years": {"years": 1, "y": 1, "yr": 1, "months": 1 / 12},
+}
+
+
+def write(tmp_path, text: str, name: str = "cohort.csv", encoding: str = "utf-8"):
+    path = tmp_path / name
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+def issues_at(cohort, row: int, column: str) -> pd.DataFrame:
+    issues = cohort.issues
+    return issues[(issues["row"] == row) & (issues["column"] == column)]
+
+
+def single_issue(cohort, row: int, column: str) -> pd.Series:
+    found = issues_at(cohort, row, column)
+    assert len(found) == 1, cohort.issues
+    return found.iloc[0]
+
+
+def read_column(tmp_path, column: str, cells: list[str], *, sep: str = ",",
+                mapping: str | None = None):
+    """Read a file with a patient_id column and one marker column holding `cells`."""
+    lines = [f"patient_id{sep}{column}"]
+    lines += [f"p{i}{sep}\"{cell}\"" for i, cell in enumerate(cells)]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    mapping_path = write(tmp_path, mapping, "mapping.toml") if mapping else None
+    return read_cohort(path, mapping_path)
+
+
+# --- the plain case ---------------------------------------------------------------------------
+
+
+def test_canonical_file_reads_typed_columns_in_order_with_extras_after(tmp_path):
+    path = write(tmp_path, "note,patient_id,ferritin_ng_ml,sex,site_id,ward\n"
+                           "NA,p2,5000,F,A,ICU\n"
+                           "late,p1,120.5,M,B,\n")
+    cohort = read_cohort(path)
+    data = cohort.data
+    assert list(data.columns) == [*CANONICAL_COLUMNS, "note", "ward"]
+    assert data["ferritin_ng_ml"].dtype == np.float64
+    assert data["ferritin_ng_ml"].tolist() == [5000.0, 120.5]
+    assert data["patient_id"].tolist() == ["p2", "p1"]
+    assert data["sex"].tolist() == ["F", "M"]
+    assert data["note"].tolist() == ["NA", "late"]  # passed through unchanged, "NA" is text
+    assert data["ward"].tolist() == ["ICU", ""]
+    assert data["crp_mg_l"].isna().all()  # absent canonical column: present, all missing
+    assert cohort.issues.empty
+    assert list(cohort.issues.columns) == list(ISSUE_COLUMNS)
+    assert cohort.columns == {"patient_id": "patient_id", "site_id": "site_id",
+                              "ferritin_ng_ml": "ferritin_ng_ml", "sex": "sex"}
+    assert cohort.units["ferritin_ng_ml"] == "ng/mL"
+    assert cohort.source == str(path)
+
+
+@pytest.mark.parametrize("cell", MISSING_SPELLINGS)
+def test_missing_spellings_are_missing_not_issues(tmp_path, cell):
+    cohort = read_column(tmp_path, "crp_mg_l", ["12", cell])
+    assert math.isnan(cohort.data["crp_mg_l"].iloc[1])
+    assert cohort.issues.empty
+
+
+@pytest.mark.parametrize("cell", ["  4.5 ", "+4.5", "4,5", "4.50", "0004.5", "45e-1"])
+def test_spellings_of_four_and_a_half(tmp_path, cell):
+    cohort = read_column(tmp_path, "crp_mg_l", [cell])
+    assert cohort.data["crp_mg_l"].iloc[0] == pytest.approx(4.5)
+    assert cohort.issues.empty
+
+
+# --- censored values --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cell", "bound", "kind"), [
+    ("<0.5", 0.5, "censored_low"),
+    ("< 0.5", 0.5, "censored_low"),
+    ("<=0.5", 0.5, "censored_low"),
+    ("\u22640.5", 0.5, "censored_low"),
+    ("<0,5", 0.5, "censored_low"),
+    (">100000", 100000, "censored_high"),
+    (">=100000", 100000, "censored_high"),
+    ("\u2265 100000", 100000, "censored_high"),
+    (">100,000", 100000, "censored_high"),
+])
+def test_censored_values_are_kept_at_the_bound(tmp_path, cell, bound, kind):
+    column = "ferritin_ng_ml" if kind == "censored_high" else "crp_mg_l"
+    cohort = read_column(tmp_path, column, [cell])
+    assert cohort.data[column].iloc[0] == pytest.approx(bound)
+    issue = single_issue(cohort, 1, column)
+    assert issue["kind"] == kind
+    assert issue["value"] == cell
+    assert f"{bound:g}" in issue["detail"]
+
+
+def test_censored_bound_is_converted_to_canonical_units(tmp_path):
+    cohort = read_column(tmp_path, "CRP", ["<0.3"],
+                         mapping='[columns]\ncrp_mg_l = { column = "CRP", unit = "mg/dL" }\n')
+    assert cohort.data["crp_mg_l"].iloc[0] == pytest.approx(3.0)
+    assert single_issue(cohort, 1, "crp_mg_l")["kind"] == "censored_low"
+
+
+# --- decimal marks and thousands separators ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("cell", "expected"), [
+    ("4,5", 4.5), ("1.234,5", 1234.5), ("1,234.5", 1234.5), ("12,25", 12.25),
+    ("1.234.567", 1234567), ("1,234,567", 1234567), ("1 234,5", 1234.5),
+])
+def test_unambiguous_separators(tmp_path, cell, expected):
+    mapping = '[columns]\npct_ng_ml = { column = "PCT", unit = "pg/mL" }\n'
+    cohort = read_column(tmp_path, "PCT", [cell], mapping=mapping)
+    assert cohort.data["pct_ng_ml"].iloc[0] == pytest.approx(expected / 1000)
+    assert cohort.issues.empty
+
+
+def test_semicolon_file_with_decimal_commas(tmp_path):
+    path = write(tmp_path, "patient_id;ferritin_ng_ml;crp_mg_l;sex\n"
+                           "p1;4,420;12,5;F\n"
+                           "p2;812;<0,5;M\n")
+    cohort = read_cohort(path)
+    assert cohort.data["crp_mg_l"].tolist() == pytest.approx([12.5, 0.5])
+    assert cohort.data["ferritin_ng_ml"].tolist() == pytest.approx([4.42, 812])
+    issue = single_issue(cohort, 1, "ferritin_ng_ml")
+    assert issue["kind"] == "ambiguous_separator"
+    assert "4.42" in issue["detail"] and "4420" in issue["detail"] and "';'" in issue["detail"]
+    assert cohort.data["sex"].tolist() == ["F", "M"]
+
+
+def test_ambiguous_comma_is_thousands_without_decimal_commas_in_the_column(tmp_path):
+    cohort = read_column(tmp_path, "ferritin_ng_ml", ["4,420", "812.5"])
+    assert cohort.data["ferritin_ng_ml"].tolist() == [4420.0, 812.5]
+    issue = single_issue(cohort, 1, "ferritin_ng_ml")
+    assert issue["kind"] == "ambiguous_separator"
+    assert "thousands" in issue["detail"] and "4.42" in issue["detail"]
+
+
+def test_ambiguous_comma_is_decimal_when_the_column_uses_decimal_commas(tmp_path):
+    cohort = read_column(tmp_path, "ferritin_ng_ml", ["4,420", "812,5"])
+    assert cohort.data["ferritin_ng_ml"].tolist() == pytest.approx([4.42, 812.5])
+    issue = single_issue(cohort, 1, "ferritin_ng_ml")
+    assert issue["kind"] == "ambiguous_separator"
+    assert "decimal" in issue["detail"]
+    assert issues_at(cohort, 2, "ferritin_ng_ml").empty
+
+
+def test_ambiguous_dot_is_thousands_in_a_decimal_comma_column(tmp_path):
+    cohort = read_column(tmp_path, "ferritin_ng_ml", ["4.420", "812,5", "4.42"])
+    assert cohort.data["ferritin_ng_ml"].tolist() == pytest.approx([4420, 812.5, 4.42])
+    assert single_issue(cohort, 1, "ferritin_ng_ml")["kind"] == "ambiguous_separator"
+    assert len(cohort.issues) == 1
+
+
+def test_dot_with_three_decimals_is_a_decimal_point_in_an_ordinary_column(tmp_path):
+    cohort = read_column(tmp_path, "ferritin_ng_ml", ["4.420", "812.5"])
+    assert cohort.data["ferritin_ng_ml"].tolist() == pytest.approx([4.42, 812.5])
+    assert cohort.issues.empty
+
+
+@pytest.mark.parametrize(("decimal", "comma_value", "dot_value"), [
+    (",", 4.42, 4420.0), (".", 4420.0, 4.42)])
+def test_declared_decimal_mark_settles_ambiguity_silently(tmp_path, decimal, comma_value,
+                                                          dot_value):
+    mapping = f'[options]\ndecimal = "{decimal}"\n'
+    cohort = read_column(tmp_path, "ferritin_ng_ml", ["4,420", "4.420"], mapping=mapping)
+    assert cohort.data["ferritin_ng_ml"].tolist() == pytest.approx([comma_value, dot_value])
+    assert cohort.issues.empty
+
+
+# --- values that cannot be used ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["haemolysed", "12 mg/L", "5..2", "4,5,6", "1e", "<", "--3",
+                                  "inf", "0x10", "12%"])
+def test_unparseable_cells_are_missing_with_an_issue(tmp_path, cell):
+    cohort = read_column(tmp_path, "crp_mg_l", [cell, "3"])
+    assert math.isnan(cohort.data["crp_mg_l"].iloc[0])
+    assert cohort.data["crp_mg_l"].iloc[1] == 3.0
+    issue = single_issue(cohort, 1, "crp_mg_l")
+    assert (issue["kind"], issue["value"], issue["source_column"]) == (
+        "unparseable", cell, "crp_mg_l")
+
+
+@pytest.mark.parametrize("cell", ["-3", "\u22123", "- 3", "<-1"])
+def test_negative_values_are_missing_with_an_issue(tmp_path, cell):
+    cohort = read_column(tmp_path, "crp_mg_l", [cell])
+    assert math.isnan(cohort.data["crp_mg_l"].iloc[0])
+    assert single_issue(cohort, 1, "crp_mg_l")["kind"] == "negative"
+
+
+def test_plausible_range_is_inclusive_and_checked_after_conversion(tmp_path):
+    mapping = '[columns]\nferritin_ng_ml = { column = "Ferritin", unit = "mg/L" }\n'
+    # 500 mg/L = 500000 ng/mL (the upper bound); 600 mg/L and 0.0005 mg/L (0.5 ng/mL) are not.
+    cohort = read_column(tmp_path, "Ferritin", ["500", "600", "0.0005", "0.001"],
+                         mapping=mapping)
+    values = cohort.data["ferritin_ng_ml"]
+    assert values.iloc[0] == pytest.approx(500_000)
+    assert values.iloc[3] == pytest.approx(1)
+    assert values.iloc[[1, 2]].isna().all()
+    for row in (2, 3):
+        issue = single_issue(cohort, row, "ferritin_ng_ml")
+        assert issue["kind"] == "implausible"
+        assert "1 to 500000 ng/mL" in issue["detail"]
+    assert len(cohort.issues) == 2
+
+
+@pytest.mark.parametrize(("cell", "ok"), [("0", True), ("24", True), ("9", True), ("2.5", False),
+                                          ("25", False), ("9,0", True)])
+def test_sofa_is_a_whole_number_from_0_to_24(tmp_path, cell, ok):
+    cohort = read_column(tmp_path, "sofa", [cell])
+    value = cohort.data["sofa"].iloc[0]
+    if ok:
+        assert value == float(cell.replace(",", "."))
+        assert cohort.issues.empty
+    else:
+        assert math.isnan(value)
+        assert single_issue(cohort, 1, "sofa")["kind"] == "implausible"
+
+
+# --- identifiers and sex ----------------------------------------------------------------------
+
+
+def test_missing_and_duplicate_patient_ids_are_flagged_and_kept(tmp_path):
+    path = write(tmp_path, "patient_id,crp_mg_l\na,1\nb,2\na,3\n,4\na,5\nNA,6\n")
+    cohort = read_cohort(path)
+    assert cohort.data["crp_mg_l"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert cohort.data["patient_id"].tolist()[:3] == ["a", "b", "a"]
+    duplicates = cohort.issues[cohort.issues["kind"] == "duplicate_id"]
+    assert duplicates["row"].tolist() == [3, 5]
+    assert all("row 1" in detail for detail in duplicates["detail"])
+    missing = cohort.issues[cohort.issues["kind"] == "missing_id"]
+    assert missing["row"].tolist() == [4, 6]
+
+
+@pytest.mark.parametrize(("cell", "expected"), [
+    ("F", "F"), ("f", "F"), ("Female", "F"), ("WOMAN", "F"), (" w ", "F"),
+    ("M", "M"), ("male", "M"), ("Man", "M"), ("masc", "M")])
+def test_sex_aliases(tmp_path, cell, expected):
+    cohort = read_cohort(write(tmp_path, f"sex,crp_mg_l\n{cell},3\n"))
+    assert cohort.data["sex"].tolist() == [expected]
+    assert cohort.issues.empty
+
+
+def test_sex_codes_from_the_mapping(tmp_path):
+    path = write(tmp_path, "Gender,crp_mg_l\n1,3\n2,4\nF,5\nx,6\n,7\n")
+    mapping = write(tmp_path, '[columns]\nsex = { column = "Gender", values = { "1" = "M", '
+                              '"2" = "f" } }\n', "mapping.toml")
+    cohort = read_cohort(path, mapping)
+    assert cohort.data["sex"].iloc[:3].tolist() == ["M", "F", "F"]
+    assert cohort.data["sex"].iloc[3:].isna().all()
+    issue = single_issue(cohort, 4, "sex")
+    assert (issue["kind"], issue["source_column"], issue["value"]) == (
+        "unknown_category", "Gender", "x")
+    assert len(cohort.issues) == 1
+
+
+# --- units and mapping ------------------------------------------------------------------------
+
+
+def test_reference_table_covers_every_unit_spelling_in_the_panel():
+    panel_units = {name: set(PANEL[name].units) | {PANEL[name].unit} for name in NUMERIC_MARKERS}
+    assert {name: set(units) for name, units in REFERENCE_FACTORS.items()} == panel_units
+
+
+UNIT_CASES = [(name, unit, factor) for name, units in REFERENCE_FACTORS.items()
+              for unit, factor in units.items()]
+
+
+@pytest.mark.parametrize(("column", "unit", "factor"), UNIT_CASES,
+                         ids=[f"{c}-{u}" for c, u, _ in UNIT_CASES])
+def test_every_unit_converts_to_canonical(tmp_path, column, unit, factor):
+    marker = PANEL[column]
+    target = round(marker.low + (marker.high - marker.low) / 8)  # well inside the range
+    source_value = target / factor
+    mapping = f'[columns]\n{column} = {{ column = "Lab value", unit = "{unit}" }}\n'
+    cohort = read_column(tmp_path, "Lab value", [repr(source_value)], mapping=mapping)
+    assert cohort.data[column].iloc[0] == pytest.approx(source_value * factor, rel=1e-9)
+    assert cohort.units[column] == unit
+    assert cohort.issues.empty
+
+
+@pytest.mark.parametrize(("column", "unit", "value", "canonical"), [
+    ("crp_mg_l", "mg/dL", 1, 10),
+    ("bilirubin_mg_dl", "umol/L", 17.1, 1),
+    ("bilirubin_mg_dl", "\u00b5mol/l", 17.1, 1),
+    ("triglycerides_mg_dl", "mmol/L", 1, 88.57),
+    ("creatinine_mg_dl", "umol/L", 88.42, 1),
+    ("lactate_mmol_l", "mg/dL", 9.01, 1),
+    ("ferritin_ng_ml", "pmol/L", 2.247, 1),
+    ("lymphocytes_10e9_l", "cells/uL", 1500, 1.5),
+    ("alt_u_l", "ukat/L", 1, 60),
+    ("d_dimer_mg_l", "ng/mL DDU", 500, 1),
+])
+def test_textbook_conversions(tmp_path, column, unit, value, canonical):
+    mapping = f'[columns]\n{column} = {{ column = "X", unit = "{unit}" }}\n'
+    cohort = read_column(tmp_path, "X", [str(value)], mapping=mapping)
+    assert cohort.data[column].iloc[0] == pytest.approx(canonical, rel=1e-9)
+
+
+def test_mapping_renames_columns_and_keeps_unmapped_ones(tmp_path):
+    path = write(tmp_path, "MRN,Ferritin,CRP,Ward\nx1,800,2.5,ICU\n")
+    mapping = write(tmp_path, '[columns]\npatient_id = "MRN"\n'
+                              'ferritin_ng_ml = { column = "Ferritin", unit = "ug/L" }\n'
+                              'crp_mg_l = { column = "CRP", unit = "mg/dL" }\n', "mapping.toml")
+    cohort = read_cohort(path, mapping)
+    row = cohort.data.iloc[0]
+    assert (row["patient_id"], row["ferritin_ng_ml"], row["crp_mg_l"]) == ("x1", 800.0, 25.0)
+    assert list(cohort.data.columns) == [*CANONICAL_COLUMNS, "Ward"]
+    assert cohort.columns["crp_mg_l"] == "CRP"
+    assert cohort.units["crp_mg_l"] == "mg/dL"
+
+
+# --- Parquet ----------------------------------------------------------------------------------
+
+
+def test_parquet_numeric_and_text_columns(tmp_path):
+    frame = pd.DataFrame({
+        "patient_id": [101, 102, 103],
+        "ferritin_ng_ml": [5000.0, np.nan, -2.0],
+        "crp_mg_l": ["4,5", "<0.5", "haemolysed"],
+        "sex": ["female", None, "M"],
+        "flag": [True, False, True],
+    })
+    path = tmp_path / "cohort.parquet"
+    frame.to_parquet(path)
+    cohort = read_cohort(path)
+    data = cohort.data
+    assert data["patient_id"].tolist() == ["101", "102", "103"]
+    assert data["ferritin_ng_ml"].iloc[0] == 5000.0
+    assert data["ferritin_ng_ml"].iloc[1:].isna().all()
+    assert data["crp_mg_l"].iloc[:2].tolist() == [4.5, 0.5]
+    assert data["sex"].iloc[[0, 2]].tolist() == ["F", "M"]
+    assert data["flag"].tolist() == [True, False, True]
+    kinds = {(row, column): kind for row, column, kind
+             in cohort.issues[["row", "column", "kind"]].itertuples(index=False)}
+    assert kinds == {(3, "ferritin_ng_ml"): "negative", (2, "crp_mg_l"): "censored_low",
+                     (3, "crp_mg_l"): "unparseable"}
+
+
+# --- property: arbitrary cells ----------------------------------------------------------------
+
+TRICKY_CELLS = ["4,420", "4.420", "<0.5", "\u2265 12", "1.234,5", "1,234.5", "NA", "-", ".",
+                "\u22123", "12 mg/L", "5..2", " 7 ", "1e3", "+2", "0,5", "1e400", "600000",
+                "nan", "inf", "", "<", "1 234", "\u00a012\u00a0"]
+cells_strategy = st.lists(st.one_of(st.sampled_from(TRICKY_CELLS), st.text(max_size=12)),
+                          min_size=1, max_size=25)
+CSV_ALPHABET = "0123456789.,;<>=+-\u2212\u2264\u2265 eENAa\t'"
+csv_cells_strategy = st.lists(st.one_of(st.sampled_from(TRICKY_CELLS),
+                                        st.text(alphabet=CSV_ALPHABET, max_size=10)),
+                              min_size=1, max_size=25)
+
+
+def check_cells(cohort, cells: list[str], column: str) -> None:
+    """Each cell is missing (no issue), or a number, or missing with exactly one issue."""
+    assert len(cohort.data) == len(cells)
+    assert cohort.data["order"].astype(int).tolist() == list(range(len(cells)))
+    issues = cohort.issues[cohort.issues["column"] == column]
+    assert not issues.duplicated(["row", "column"]).any()
+    by_row = dict(zip(issues["row"], zip(issues["kind"], issues["value"], strict=True),
+                      strict=True))
+    values = cohort.data[column].to_numpy()
+    for row, (cell, value) in enumerate(zip(cells, values, strict=True), start=1):
+        issue = by_row.get(row)
+        if cell.strip().lower() in {token.lower() for token in MISSING_SPELLINGS}:
+            assert math.isnan(value) and issue is None
+        elif math.isnan(value):
+            assert issue is not None and issue[0] in {"unparseable", "negative", "implausible"}
+        else:
+            assert issue is None or issue[0] in {
+                "censored_low", "censored_high", "ambiguous_separator"}
+            if issue is None and re.fullmatch(r"[0-9]+(\.[0-9]+)?", cell.strip()):
+                assert value == float(cell)
+        if issue is not None:
+            assert issue[1] == cell
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cells=cells_strategy)
+def test_arbitrary_text_cells_never_crash_parquet(tmp_path_factory, cells):
+    path = tmp_path_factory.getbasetemp() / "property.parquet"
+    pd.DataFrame({"order": range(len(cells)), "ferritin_ng_ml": cells}).to_parquet(path)
+    check_cells(read_cohort(path), cells, "ferritin_ng_ml")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cells=csv_cells_strategy, sep=st.sampled_from([",", ";", "\t"]))
+def test_arbitrary_text_cells_never_crash_csv(tmp_path_factory, cells, sep):
+    path = tmp_path_factory.getbasetemp() / "property.csv"
+    pd.DataFrame({"order": range(len(cells)), "crp_mg_l": cells}).to_csv(
+        path, sep=sep, index=False, quoting=1)  # csv.QUOTE_ALL
+    check_cells(read_cohort(path), cells, "crp_mg_l")
+
+
+# --- quality report ---------------------------------------------------------------------------
+
+
+def test_quality_report_counts_and_ranges(tmp_path):
+    path = write(tmp_path, "patient_id,CRP,Ferritin\n"
+                           "a,1,x\nb,2,y\nc,3,\nd,NA,5000\n")
+    mapping = write(tmp_path, '[columns]\ncrp_mg_l = { column = "CRP", unit = "mg/dL" }\n',
+                    "mapping.toml")
+    report = quality_report(read_cohort(path, mapping))
+    assert (report.n_rows, report.n_issues, report.n_rows_with_issues) == (4, 0, 0)
+    crp = next(item for item in report.columns if item.column == "crp_mg_l")
+    assert (crp.source_column, crp.unit, crp.unit_from) == ("CRP", "mg/L", "mg/dL")
+    assert (crp.n_missing, crp.pct_missing) == (1, 25.0)
+    assert (crp.min, crp.median, crp.max) == pytest.approx((10, 20, 30))
+    assert report.unmapped == {"Ferritin": "ferritin_ng_ml"}
+    assert "ferritin_ng_ml" in report.absent
+
+
+def test_quality_report_issue_counts_match_the_issue_list(tmp_path):
+    path = write(tmp_path, "patient_id,crp_mg_l,sofa\n"
+                           "a,x,2\na,<1,2.5\nb,y,30\n")
+    cohort = read_cohort(path)
+    report = quality_report(cohort)
+    counted = {(item.column, item.kind): item.count for item in report.issues}
+    expected = cohort.issues.groupby(["column", "kind"]).size().to_dict()
+    assert counted == expected
+    assert counted[("crp_mg_l", "unparseable")] == 2
+    first = next(item for item in report.issues if item.kind == "unparseable")
+    assert (first.example_row, first.example_value) == (1, "x")
+    assert report.n_rows_with_issues == 3
+
+
+# --- whole-file errors ------------------------------------------------------------------------
+
+
+def test_error_missing_file_suggests_a_near_name(tmp_path):
+    write(tmp_path, "crp_mg_l\n1\n", "cohort.csv")
+    with pytest.raises(CohortError, match=r"cohrt\.csv.*does not exist.*'cohort\.csv'"):
+        read_cohort(tmp_path / "cohrt.csv")
+
+
+@pytest.mark.parametrize(("name", "content", "pattern"), [
+    ("cohort.xlsx", "x", r"unsupported type '\.xlsx'.*CSV"),
+    ("cohort.csv", "", r"is empty"),
+    ("cohort.csv", "crp_mg_l,sofa\n", r"no data rows"),
+    ("cohort.csv", "a,b\n1,2\n3,4,5\n", r"more fields than the header"),
+    ("cohort.parquet", "not parquet at all", r"not a readable Parquet file"),
+])
+def test_errors_for_unreadable_files(tmp_path, name, content, pattern):
+    path = write(tmp_path, content, name)
+    with pytest.raises(CohortError, match=pattern) as error:
+        read_cohort(path)
+    assert name in str(error.value)
+
+
+def test_error_for_a_workbook_saved_as_csv(tmp_path):
+    path = tmp_path / "cohort.csv"
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(CohortError, match="not a text file"):
+        read_cohort(path)
+
+
+def test_latin1_file_is_read(tmp_path):
+    path = write(tmp_path, "Pat\u00edent,crp_mg_l\n\u00e9,4\n", encoding="latin-1")
+    cohort = read_cohort(path)
+    assert cohort.data["Pat\u00edent"].tolist() == ["\u00e9"]
+
+
+def test_no_marker_column_names_columns_and_suggests_a_mapping(tmp_path):
+    path = write(tmp_path, "MRN,Ferritin,CRP (mg/dL),Gender\n1,200,3,F\n")
+    with pytest.raises(CohortError) as error:
+        read_cohort(path)
+    message = str(error.value)
+    for text in ("cohort.csv", "'MRN'", "'Ferritin' looks like ferritin_ng_ml",
+                 "'CRP (mg/dL)' looks like crp_mg_l", "mapping"):
+        assert text in message
+
+
+def test_case_variant_of_a_canonical_name_is_suggested_not_accepted(tmp_path):
+    path = write(tmp_path, "FERRITIN_NG_ML,Crp_mg_l\n200,3\n")
+    with pytest.raises(CohortError, match="'FERRITIN_NG_ML' looks like ferritin_ng_ml"):
+        read_cohort(path)
+
+
+@pytest.mark.parametrize(("mapping", "pattern"), [
+    ('[columns]\nferritin = { column = "Ferritin" }\n',
+     r"unknown column 'ferritin'.*ferritin_ng_ml"),
+    ('[columns]\nferritin_ng_ml = { column = "Ferritin", unti = "ng/mL" }\n',
+     r"unknown key 'unti'.*'unit'"),
+    ('[columns]\nferritin_ng_ml = { column = "Feritin" }\n',
+     r"reads column 'Feritin'.*not in .*cohort\.csv.*'Ferritin'"),
+    ('[columns]\nferritin_ng_ml = { column = "Ferritin", unit = "ng/dl" }\n',
+     r"unknown unit 'ng/dl'.*'ng/mL'.*Accepted units: ng/mL, ug/L, mg/L, pmol/L"),
+    ('[columns]\npatient_id = { column = "MRN", unit = "x" }\n', r"unknown key 'unit'"),
+    ('[column]\nferritin_ng_ml = "Ferritin"\n', r"unknown key 'column'.*'columns'"),
+    ('[options]\ndecimal = ";"\n', r"decimal must be"),
+    ('[columns]\nferritin_ng_ml = "Ferritin"\ncrp_mg_l = "Ferritin"\n', r"used for both"),
+    ('[columns\n', r"not valid TOML"),
+])
+def test_bad_mappings_are_explained(tmp_path, mapping, pattern):
+    path = write(tmp_path, "MRN,Ferritin\n1,200\n")
+    mapping_path = write(tmp_path, mapping, "local.toml")
+    with pytest.raises(CohortError, match=pattern) as error:
+        read_cohort(path, mapping_path)
+    assert "local.toml" in str(error.value)
