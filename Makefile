@@ -31,3 +31,4 @@ clean:
 
 bench: setup
 	$(BIN)/python benchmarks/simulate_speed.py
+	$(BIN)/python benchmarks/calibration_table.py
