@@ -1,14 +1,19 @@
-"""Fixed-threshold phenotype rules (ImmunoSep and variants).
+"""Fixed-threshold phenotype rules (ImmunoSep and variants) as scikit-learn classifiers.
 
 The rule decides from one marker at a time: ferritin > 4420 ng/mL is MALS (and takes
 precedence); otherwise HLA-DR < 5000 antibodies/cell is immunoparalysis; otherwise
 unclassified. Both comparisons are strict. A marker the rule needs that is missing makes the
 answer `indeterminate`, which is not the same as `unclassified`.
+
+The rules follow the estimator API (`fit` learns nothing and returns self, `predict`,
+one-hot `predict_proba`) so the evaluator judges them exactly as it judges learned models.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 MALS = "MALS"
 IMMUNOPARALYSIS = "immunoparalysis"
@@ -18,23 +23,93 @@ PHENOTYPES: tuple[str, ...] = (MALS, IMMUNOPARALYSIS, UNCLASSIFIED)
 
 FERRITIN_MALS_NG_ML = 4420.0
 HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL = 5000.0
+# HLA-DR <= 8000 is moderate immunoparalysis (Joshi 2023) and > 8000 the ImmunoSep reversal
+# criterion: the looser cut-off users compare against.
+HLA_DR_MODERATE_MAB_PER_CELL = 8000.0
 
 
 def immunosep_phenotype(
     ferritin_ng_ml: np.ndarray,
     hla_dr_mab_per_cell: np.ndarray,
-    ferritin_threshold_ng_ml: float = FERRITIN_MALS_NG_ML,
-    hla_dr_threshold_mab_per_cell: float = HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+    ferritin_threshold_ng_ml: float | None = FERRITIN_MALS_NG_ML,
+    hla_dr_threshold_mab_per_cell: float | None = HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
 ) -> np.ndarray:
-    """The ImmunoSep rule on arrays of measured markers (NaN = not measured)."""
+    """The ImmunoSep rule on arrays of measured markers (NaN = not measured).
+
+    A threshold of None drops that criterion (ferritin-only or HLA-DR-only rules); a marker
+    whose criterion is dropped is not needed, so its absence does not make the answer
+    indeterminate.
+    """
     ferritin = np.asarray(ferritin_ng_ml, dtype=float)
     hla_dr = np.asarray(hla_dr_mab_per_cell, dtype=float)
+    use_ferritin = ferritin_threshold_ng_ml is not None
+    use_hla_dr = hla_dr_threshold_mab_per_cell is not None
+    with np.errstate(invalid="ignore"):
+        mals = ferritin > ferritin_threshold_ng_ml if use_ferritin else np.zeros(len(hla_dr), bool)
+        paralysed = (hla_dr < hla_dr_threshold_mab_per_cell) if use_hla_dr else np.zeros_like(mals)
+    missing = (np.isnan(ferritin) & use_ferritin) | (np.isnan(hla_dr) & use_hla_dr)
     return np.select(
-        [
-            ferritin > ferritin_threshold_ng_ml,
-            np.isnan(ferritin) | np.isnan(hla_dr),
-            hla_dr < hla_dr_threshold_mab_per_cell,
-        ],
-        [MALS, INDETERMINATE, IMMUNOPARALYSIS],
-        default=UNCLASSIFIED,
+        [mals, missing, paralysed], [MALS, INDETERMINATE, IMMUNOPARALYSIS], default=UNCLASSIFIED
     ).astype(object)
+
+
+class ImmunoSepRule(ClassifierMixin, BaseEstimator):
+    """The ImmunoSep fixed-threshold rule; thresholds are parameters (None drops a criterion).
+
+    `predict` may answer `indeterminate` (not one of `classes_`): the rule abstains.
+    `predict_proba` is one-hot over `classes_`, and uniform where the rule abstains.
+    """
+
+    # The evaluator reports probability metrics (log loss, calibration) only for phenotypers
+    # whose probabilities mean something; a rule's one-hot output does not.
+    hard_decision = True
+
+    def __init__(
+        self,
+        ferritin_threshold_ng_ml: float | None = FERRITIN_MALS_NG_ML,
+        hla_dr_threshold_mab_per_cell: float | None = HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+    ) -> None:
+        self.ferritin_threshold_ng_ml = ferritin_threshold_ng_ml
+        self.hla_dr_threshold_mab_per_cell = hla_dr_threshold_mab_per_cell
+
+    def fit(self, X: pd.DataFrame, y: object = None) -> ImmunoSepRule:
+        """Learn nothing: a fixed rule. Sets `classes_` so it looks like any classifier."""
+        self._markers(X)
+        self.classes_ = np.array(PHENOTYPES, dtype=object)
+        return self
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        ferritin, hla_dr = self._markers(X)
+        return immunosep_phenotype(
+            ferritin, hla_dr, self.ferritin_threshold_ng_ml, self.hla_dr_threshold_mab_per_cell
+        )
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        labels = self.predict(X)
+        proba = (labels[:, None] == np.array(PHENOTYPES, dtype=object)[None, :]).astype(float)
+        proba[labels == INDETERMINATE] = 1.0 / len(PHENOTYPES)
+        return proba
+
+    @staticmethod
+    def _markers(X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Ferritin and HLA-DR columns (NaN where a column is absent altogether)."""
+        if not isinstance(X, pd.DataFrame):
+            raise TypeError("fixed rules read markers by name: pass a DataFrame in panel columns")
+        n = len(X)
+
+        def column(name: str) -> np.ndarray:
+            return X[name].to_numpy(dtype=float) if name in X else np.full(n, np.nan)
+
+        return column("ferritin_ng_ml"), column("hla_dr_mab_per_cell")
+
+
+def reference_rules() -> dict[str, ImmunoSepRule]:
+    """The rules every benchmark compares against, by name (`immunosep` is the reference)."""
+    return {
+        "immunosep": ImmunoSepRule(),
+        "ferritin_only": ImmunoSepRule(hla_dr_threshold_mab_per_cell=None),
+        "hla_dr_only": ImmunoSepRule(ferritin_threshold_ng_ml=None),
+        "immunosep_hla_dr_8000": ImmunoSepRule(
+            hla_dr_threshold_mab_per_cell=HLA_DR_MODERATE_MAB_PER_CELL
+        ),
+    }

@@ -1,0 +1,543 @@
+"""One evaluator for every phenotyper: rules and learned models go through the same code.
+
+For each phenotyper on the same held-out patients it computes label metrics, probability
+metrics (for phenotypers whose probabilities mean something), treatment terms, decision curves,
+robustness to assay re-measurement and subgroup metrics, each with a 95% bootstrap interval
+resampled by patient, plus paired intervals for each phenotyper's difference from the reference
+rule (the same resamples for both).
+
+Every metric is written as a function of a matrix of bootstrap weights (one row per resample,
+one column per patient), so the point estimate (all weights 1) and thousands of resamples run
+through the same vectorised code; tests check the point estimates against scikit-learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from sklearn.calibration import calibration_curve
+
+from phenotyper.panel import NUMERIC_MARKERS, PATIENT_ID, SITE_ID
+from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
+
+PREDICTED_LABELS: tuple[str, ...] = (*PHENOTYPES, INDETERMINATE)
+K = len(PHENOTYPES)
+
+# What a clinician does with each phenotype: ImmunoSep's treatments (REFERENCE.md).
+ANAKINRA, INTERFERON_GAMMA, NO_IMMUNOTHERAPY = "anakinra", "interferon_gamma", "none"
+TREATMENTS: tuple[str, ...] = (ANAKINRA, INTERFERON_GAMMA, NO_IMMUNOTHERAPY)
+TREATMENT_OF: dict[str, str] = {
+    MALS: ANAKINRA,
+    IMMUNOPARALYSIS: INTERFERON_GAMMA,
+    UNCLASSIFIED: NO_IMMUNOTHERAPY,
+    INDETERMINATE: NO_IMMUNOTHERAPY,  # the trial did not randomise patients it could not type
+}
+# Phenotype each treatment is for (decision curves: "treat if P(phenotype) >= threshold").
+TREATED_PHENOTYPE = {ANAKINRA: MALS, INTERFERON_GAMMA: IMMUNOPARALYSIS}
+NET_BENEFIT_THRESHOLDS = (0.1, 0.25, 0.5)
+DECISION_CURVE_GRID = np.round(np.arange(0.02, 0.91, 0.02), 2)
+
+# Re-measurement scenarios: coefficient of variation per marker (REFERENCE.md).
+ASSAY_NOISE_CV: dict[str, dict[str, float]] = {
+    # The same sample run again in the same laboratory.
+    "within_lab": {
+        "ferritin_ng_ml": 0.089,  # between-run CV 8.9% (Garcia-Casal 2018)
+        "hla_dr_mab_per_cell": 0.032,  # intra-assay CV 1.9-3.2% (Demaret 2013)
+        "other": 0.05,  # assumption: typical analytical CV of routine assays
+    },
+    # The same patient measured in another laboratory, on another platform.
+    "between_labs": {
+        "ferritin_ng_ml": 0.229,  # between-platform median CV 22.9% (Braga 2022)
+        "hla_dr_mab_per_cell": 0.20,  # inter-laboratory CV 15-25% (Docke 2005)
+        "other": 0.10,  # assumption: between-platform CV of routine assays
+    },
+}
+NEAR_CUTOFF_RELATIVE = 0.25  # "near the cut-off": within 25% of 4420 ng/mL or 5000 /cell
+AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, ">=80"))
+SUBGROUP_METRICS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "coverage")
+CONFIDENCE = 0.95
+_LOGIT_CLIP = 1e-6
+
+
+class EvaluationError(ValueError):
+    """Input the evaluator cannot judge (labels outside the phenotypes, no patients...)."""
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What one phenotyper said: labels (may be `indeterminate`) and P(phenotype) columns."""
+
+    labels: np.ndarray
+    proba: np.ndarray  # (n, K) in PHENOTYPES order
+    probabilistic: bool
+
+
+def predict(estimator: Any, X: pd.DataFrame) -> Predictions:
+    """Predictions of any fitted classifier, probabilities aligned to PHENOTYPES."""
+    labels = np.asarray(estimator.predict(X), dtype=object)
+    raw = np.asarray(estimator.predict_proba(X), dtype=float)
+    classes = [str(c) for c in estimator.classes_]
+    proba = np.column_stack(
+        [raw[:, classes.index(p)] if p in classes else np.zeros(len(X)) for p in PHENOTYPES]
+    )
+    unknown = set(np.unique(labels)) - set(PREDICTED_LABELS)
+    if unknown:
+        raise EvaluationError(f"phenotyper predicted labels outside {PREDICTED_LABELS}: {unknown}")
+    return Predictions(labels, proba, not getattr(estimator, "hard_decision", False))
+
+
+# --- bootstrap --------------------------------------------------------------------------------
+
+
+def bootstrap_weights(
+    groups: np.ndarray, n_boot: int, seed: int, max_cells: int = 4_000_000
+) -> Iterator[np.ndarray]:
+    """Blocks of resampling weights, (resamples x patients), resampling whole groups.
+
+    Each resample draws as many groups as there are, with replacement; a row's weight is the
+    number of times its group was drawn. Blocks keep memory at `max_cells` floats.
+    """
+    codes, uniques = pd.factorize(pd.Series(groups), use_na_sentinel=False)
+    n_groups = len(uniques)
+    rng = np.random.default_rng(seed)
+    block = max(1, max_cells // max(len(codes), 1))
+    for start in range(0, n_boot, block):
+        size = min(block, n_boot - start)
+        draws = rng.integers(0, n_groups, size=(size, n_groups))
+        counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws])
+        yield counts[:, codes].astype(float)
+
+
+# --- metrics as functions of weights ----------------------------------------------------------
+
+
+def _one_hot(codes: np.ndarray, width: int) -> sparse.csr_matrix:
+    n = len(codes)
+    return sparse.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, width))
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1),
+                        np.nan)
+
+
+class _Scorer:
+    """Precomputed pieces for one phenotyper on one set of patients."""
+
+    def __init__(self, truth: np.ndarray, predictions: Predictions) -> None:
+        self.truth = truth  # codes 0..K-1
+        self.pred = pd.Categorical(predictions.labels, categories=PREDICTED_LABELS).codes
+        self.probabilistic = predictions.probabilistic
+        self.proba = predictions.proba
+        self.cells = _one_hot(self.truth * (K + 1) + self.pred, K * (K + 1))
+        self.truth_hot = np.eye(K)[self.truth]
+        p_true = np.clip(self.proba[np.arange(len(truth)), truth], np.finfo(float).eps, 1.0)
+        self.log_loss = -np.log(p_true)
+        self.brier = ((self.proba - self.truth_hot) ** 2).sum(axis=1)
+        self.ranks = [self._rank_index(self.proba[:, k]) for k in range(K)]
+        self.logit = np.log(np.clip(self.proba, _LOGIT_CLIP, 1 - _LOGIT_CLIP)) - np.log(
+            np.clip(1 - self.proba, _LOGIT_CLIP, 1 - _LOGIT_CLIP)
+        )
+        self.calibration_start: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def _rank_index(scores: np.ndarray) -> sparse.csr_matrix:
+        """Patients x distinct scores (ascending) one-hot: weights summed per distinct score."""
+        _, inverse = np.unique(scores, return_inverse=True)
+        return _one_hot(inverse, int(inverse.max()) + 1)
+
+    def confusion(self, weights: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Weighted confusion counts, (resamples, K true, K+1 predicted)."""
+        cells = self.cells if mask is None else self.cells[mask]
+        w = weights if mask is None else weights[:, mask]
+        return np.asarray((sparse.csr_matrix(w) @ cells).todense()).reshape(-1, K, K + 1)
+
+    def label_metrics(self, weights: np.ndarray, mask: np.ndarray | None = None) -> dict:
+        return _label_metrics(self.confusion(weights, mask))
+
+    def auroc_ap(self, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Weighted one-vs-rest AUROC (Mann-Whitney, ties half) and average precision."""
+        positive = self.truth == k
+        by_score = self.ranks[k]
+        pos = np.asarray((weights * positive) @ by_score)
+        neg = np.asarray((weights * ~positive) @ by_score)
+        total_pos, total_neg = pos.sum(axis=1), neg.sum(axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        auroc = _divide((pos * (below + 0.5 * neg)).sum(axis=1), total_pos * total_neg)
+        tp = np.cumsum(pos[:, ::-1], axis=1)
+        fp = np.cumsum(neg[:, ::-1], axis=1)
+        precision = _divide(tp, tp + fp)
+        ap = _divide((pos[:, ::-1] * np.nan_to_num(precision)).sum(axis=1), total_pos)
+        return auroc, ap
+
+    def calibration(self, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Calibration intercept (offset model) and slope of class k, by weighted Newton."""
+        x, y = self.logit[:, k], (self.truth == k).astype(float)
+        start = self.calibration_start.get(k, np.zeros(3))
+        m = len(weights)
+        intercept = np.full(m, start[0])
+        for _ in range(30):
+            mu = _sigmoid(intercept[:, None] + x)
+            step = ((weights * (y - mu)).sum(1)) / np.maximum((weights * mu * (1 - mu)).sum(1),
+                                                              1e-12)
+            intercept += step
+            if np.max(np.abs(step)) < 1e-9:
+                break
+        coef = np.tile(start[1:], (m, 1))
+        for _ in range(50):
+            mu = _sigmoid(coef[:, :1] + coef[:, 1:] * x)
+            r, v = weights * (y - mu), weights * mu * (1 - mu)
+            gradient = np.column_stack([r.sum(1), (r * x).sum(1)])
+            h00, h01, h11 = v.sum(1), (v * x).sum(1), (v * x * x).sum(1)
+            det = np.maximum(h00 * h11 - h01**2, 1e-12)
+            step = np.column_stack([(h11 * gradient[:, 0] - h01 * gradient[:, 1]) / det,
+                                    (h00 * gradient[:, 1] - h01 * gradient[:, 0]) / det])
+            coef += step
+            if np.max(np.abs(step)) < 1e-9:
+                break
+        return intercept, coef[:, 1]
+
+    def net_benefit(self, weights: np.ndarray, treatment: str, threshold: float) -> np.ndarray:
+        k = PHENOTYPES.index(TREATED_PHENOTYPE[treatment])
+        treat = self._treated(k, threshold)
+        y = self.truth == k
+        odds = threshold / (1 - threshold)
+        return ((weights * (treat & y)).sum(1) - odds * (weights * (treat & ~y)).sum(1)) / \
+            weights.sum(1)
+
+    def _treated(self, k: int, threshold: float) -> np.ndarray:
+        """Who gets the treatment for phenotype k at a risk threshold."""
+        if self.probabilistic:
+            return self.proba[:, k] >= threshold
+        return self.pred == k  # a rule treats whom it labels, whatever the threshold
+
+    def metrics(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Every whole-cohort metric for a block of weights."""
+        confusion = self.confusion(weights)
+        out = _label_metrics(confusion)
+        out.update(_treatment_metrics(confusion))
+        aurocs = []
+        for k, phenotype in enumerate(PHENOTYPES):
+            auroc, ap = self.auroc_ap(weights, k)
+            out[f"auroc_{phenotype}"], out[f"average_precision_{phenotype}"] = auroc, ap
+            aurocs.append(auroc)
+        out["auroc_macro"] = np.mean(aurocs, axis=0)
+        for treatment in TREATED_PHENOTYPE:
+            for threshold in NET_BENEFIT_THRESHOLDS:
+                out[f"net_benefit_{treatment}_at_{threshold:g}"] = self.net_benefit(
+                    weights, treatment, threshold)
+        if self.probabilistic:
+            total = weights.sum(1)
+            out["log_loss"] = weights @ self.log_loss / total
+            out["brier"] = weights @ self.brier / total
+            for k, phenotype in enumerate(PHENOTYPES):
+                intercept, slope = self.calibration(weights, k)
+                out[f"calibration_intercept_{phenotype}"] = intercept
+                out[f"calibration_slope_{phenotype}"] = slope
+        return out
+
+    def remember_point(self, point: dict[str, np.ndarray]) -> None:
+        """Start bootstrap Newton iterations from the point estimate (fewer steps)."""
+        for k, phenotype in enumerate(PHENOTYPES):
+            if f"calibration_slope_{phenotype}" in point:
+                slope = point[f"calibration_slope_{phenotype}"][0]
+                intercept = point[f"calibration_intercept_{phenotype}"][0]
+                self.calibration_start[k] = np.array([intercept, 0.0, slope])
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    """Row means ignoring NaN; NaN (silently) for a row with nothing defined."""
+    counts = np.isfinite(values).sum(axis=1)
+    return _divide(np.nansum(values, axis=1), counts)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _label_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Label metrics from confusion counts; `indeterminate` counts as wrong for every class."""
+    total = confusion.sum(axis=(1, 2))
+    tp = np.diagonal(confusion[:, :, :K], axis1=1, axis2=2)
+    actual = confusion.sum(axis=2)
+    called = confusion[:, :, :K].sum(axis=1)
+    tn = total[:, None] - actual - called + tp
+    out = {
+        "n": total,
+        "coverage": 1 - _divide(confusion[:, :, K].sum(axis=1), total),
+        "accuracy": _divide(tp.sum(axis=1), total),
+    }
+    sensitivity = _divide(tp, actual)
+    out["balanced_accuracy"] = _nanmean(sensitivity)
+    out["macro_f1"] = _nanmean(_divide(2 * tp, actual + called))
+    for k, phenotype in enumerate(PHENOTYPES):
+        out[f"sensitivity_{phenotype}"] = sensitivity[:, k]
+        out[f"specificity_{phenotype}"] = _divide(tn[:, k], total - actual[:, k])
+        out[f"ppv_{phenotype}"] = _divide(tp[:, k], called[:, k])
+        out[f"npv_{phenotype}"] = _divide(tn[:, k], total - called[:, k])
+    return out
+
+
+def _treatment_codes() -> tuple[np.ndarray, np.ndarray]:
+    truth = np.array([TREATMENTS.index(TREATMENT_OF[p]) for p in PHENOTYPES])
+    given = np.array([TREATMENTS.index(TREATMENT_OF[p]) for p in PREDICTED_LABELS])
+    return truth, given
+
+
+def treatment_table(confusion: np.ndarray) -> np.ndarray:
+    """Phenotype confusion (.., K, K+1) -> treatment needed x treatment given (.., 3, 3)."""
+    truth, given = _treatment_codes()
+    to_truth = np.eye(len(TREATMENTS))[truth]  # K x 3
+    to_given = np.eye(len(TREATMENTS))[given]  # K+1 x 3
+    return np.einsum("ta,...tp,pb->...ab", to_truth, confusion, to_given)
+
+
+def _treatment_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Rates per patient: agreement with the reference treatment, and the harmful errors."""
+    table = treatment_table(confusion)
+    total = table.sum(axis=(1, 2))
+    a, g, none = (TREATMENTS.index(t) for t in TREATMENTS)
+    return {
+        "treatment_agreement": _divide(np.trace(table, axis1=1, axis2=2), total),
+        # an immunostimulant given to a hyperinflamed patient
+        "harm_interferon_gamma_to_MALS": _divide(table[:, a, g], total),
+        # an immunosuppressant given to an immunoparalysed patient
+        "harm_anakinra_to_immunoparalysis": _divide(table[:, g, a], total),
+        "missed_immunotherapy": _divide(table[:, a, none] + table[:, g, none], total),
+        "unneeded_immunotherapy": _divide(table[:, none, a] + table[:, none, g], total),
+    }
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Everything the report needs; `records` is the table of numbers with intervals."""
+
+    records: pd.DataFrame  # phenotyper, metric, subgroup, value, ci_low, ci_high
+    confusion: dict[str, pd.DataFrame]
+    treatment: dict[str, pd.DataFrame]
+    decision_curves: pd.DataFrame  # phenotyper, treatment, threshold, net_benefit
+    reliability: pd.DataFrame  # phenotyper, phenotype, predicted, observed
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def reference_labels(frame: pd.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of the reference phenotype, and which rows have one (others are left out)."""
+    if label not in frame.columns:
+        raise EvaluationError(f"label column '{label}' is not in the cohort")
+    values = frame[label].astype("string").str.strip()
+    known = values.isin(PHENOTYPES).fillna(False).to_numpy(bool)
+    unusable = values.isna() | values.isin([INDETERMINATE, ""])
+    bad = ~known & ~unusable.fillna(True).to_numpy(bool)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        shown = ", ".join(f"row {r + 1}: {values.iloc[r]!r}" for r in rows[:5])
+        raise EvaluationError(
+            f"label column '{label}' has {len(rows)} values that are not phenotypes ({shown}); "
+            f"use {', '.join(PHENOTYPES)}, or leave the cell empty to leave the patient out")
+    codes = pd.Categorical(values.where(pd.Series(known, index=values.index)),
+                           categories=PHENOTYPES).codes
+    return codes, known
+
+
+def remeasure(X: pd.DataFrame, cv_by_marker: Mapping[str, float], rng: np.random.Generator
+              ) -> pd.DataFrame:
+    """The same patients measured again: each marker times log-normal noise of the given CV."""
+    out = X.copy()
+    for column in NUMERIC_MARKERS:
+        if column in out and column not in ("sofa", "age_years"):
+            cv = cv_by_marker.get(column, cv_by_marker["other"])
+            sd = np.sqrt(np.log1p(cv**2))
+            out[column] = out[column].to_numpy(dtype=float) * np.exp(rng.normal(0, sd, len(out)))
+    return out
+
+
+def _subgroups(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Masks for site, age band and sex subgroups present in the cohort."""
+    masks: dict[str, np.ndarray] = {}
+    if SITE_ID in frame:
+        for site in sorted(frame[SITE_ID].dropna().unique()):
+            masks[f"site={site}"] = (frame[SITE_ID] == site).to_numpy(bool)
+    if "age_years" in frame:
+        age = frame["age_years"].to_numpy(dtype=float)
+        for low, high, name in AGE_BANDS:
+            masks[f"age={name}"] = (age >= low) & (age < high)
+    if "sex" in frame:
+        for sex in sorted(frame["sex"].dropna().unique()):
+            masks[f"sex={sex}"] = (frame["sex"] == sex).to_numpy(bool)
+    return {name: mask for name, mask in masks.items() if mask.any()}
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    tail = 100 * (1 - CONFIDENCE) / 2
+    finite = samples[np.isfinite(samples)]
+    if not len(finite):
+        return np.nan, np.nan
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def benchmark(
+    phenotypers: Mapping[str, Any],
+    frame: pd.DataFrame,
+    label: str,
+    reference: str = "immunosep",
+    n_boot: int = 1000,
+    seed: int = 0,
+    noise_repeats: int = 20,
+    assay_noise_cv: Mapping[str, Mapping[str, float]] = ASSAY_NOISE_CV,
+) -> Benchmark:
+    """Judge fitted phenotypers on the same patients; `reference` is the comparator.
+
+    Patients whose `label` is empty or `indeterminate` are left out (counted in `meta`).
+    `noise_repeats` re-measurements per scenario of `assay_noise_cv` measure robustness.
+    """
+    if reference not in phenotypers:
+        raise EvaluationError(f"reference phenotyper '{reference}' is not among "
+                              f"{', '.join(phenotypers)}")
+    truth, usable = reference_labels(frame, label)
+    data = frame.loc[usable].reset_index(drop=True)
+    truth = truth[usable].astype(int)
+    if not len(data):
+        raise EvaluationError(f"no patient has a reference phenotype in '{label}'")
+    groups = data[PATIENT_ID].to_numpy() if PATIENT_ID in data else np.arange(len(data))
+
+    predictions = {name: predict(est, data) for name, est in phenotypers.items()}
+    scorers = {name: _Scorer(truth, p) for name, p in predictions.items()}
+    noise = _noise_outcomes(phenotypers, predictions, data, truth, noise_repeats, seed,
+                            assay_noise_cv)
+    subgroups = _subgroups(data)
+
+    def block_metrics(name: str, weights: np.ndarray) -> dict[str, np.ndarray]:
+        scorer = scorers[name]
+        out = scorer.metrics(weights)
+        total = weights.sum(1)
+        for metric, per_patient in noise[name].items():
+            out[metric] = weights @ per_patient / total if per_patient.ndim == 1 else \
+                _divide(weights @ per_patient[0], weights @ per_patient[1])
+        for group, mask in subgroups.items():
+            for metric, value in scorer.label_metrics(weights, mask).items():
+                if metric in SUBGROUP_METRICS:
+                    out[f"{metric}|{group}"] = value
+        return out
+
+    ones = np.ones((1, len(data)))
+    point = {name: block_metrics(name, ones) for name in phenotypers}
+    for name, scorer in scorers.items():
+        scorer.remember_point(point[name])
+    samples: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in phenotypers}
+    for weights in bootstrap_weights(groups, n_boot, seed):
+        for name in phenotypers:
+            for metric, values in block_metrics(name, weights).items():
+                samples[name].setdefault(metric, []).append(values)
+    boot = {name: {m: np.concatenate(v) for m, v in by.items()} for name, by in samples.items()}
+
+    rows = []
+    for name in phenotypers:
+        for metric, value in point[name].items():
+            base, _, subgroup = metric.partition("|")
+            low, high = _interval(boot[name][metric])
+            rows.append((name, base, subgroup or "all", float(value[0]), low, high))
+            if name != reference and not subgroup and base != "n":
+                difference = boot[name][metric] - boot[reference].get(metric, np.nan)
+                ref_value = point[reference].get(metric, [np.nan])[0]
+                low, high = _interval(np.atleast_1d(difference))
+                rows.append((name, f"{base}_minus_{reference}", "all",
+                             float(value[0] - ref_value), low, high))
+    records = pd.DataFrame(rows, columns=["phenotyper", "metric", "subgroup", "value",
+                                          "ci_low", "ci_high"])
+    return Benchmark(
+        records=records,
+        confusion={name: _confusion_frame(scorers[name].confusion(ones)[0]) for name in scorers},
+        treatment={name: _treatment_frame(scorers[name].confusion(ones)[0]) for name in scorers},
+        decision_curves=_decision_curves(scorers, truth),
+        reliability=_reliability(predictions, truth),
+        meta={"label": label, "reference": reference, "n_patients": len(data),
+              "n_left_out": int((~usable).sum()), "n_boot": n_boot, "seed": seed,
+              "noise_repeats": noise_repeats, "confidence": CONFIDENCE,
+              "assay_noise_cv": dict(assay_noise_cv), "near_cutoff_relative": NEAR_CUTOFF_RELATIVE},
+    )
+
+
+def _noise_outcomes(phenotypers: Mapping[str, Any], predictions: Mapping[str, Predictions],
+                    data: pd.DataFrame, truth: np.ndarray, repeats: int, seed: int,
+                    assay_noise_cv: Mapping[str, Mapping[str, float]],
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """Per-patient shares of re-measurements that flip the phenotype or get it right.
+
+    Every phenotyper sees the same re-measured cohorts. `flip_rate_near_cutoff_*` is a ratio
+    (flips among patients near a rule cut-off), stored as numerator and denominator rows.
+    """
+    out: dict[str, dict[str, np.ndarray]] = {name: {} for name in phenotypers}
+    if repeats < 1:
+        return out
+    near = np.zeros(len(data), bool)
+    for column, cutoff in (("ferritin_ng_ml", 4420.0), ("hla_dr_mab_per_cell", 5000.0)):
+        if column in data:
+            relative = np.abs(data[column].to_numpy(dtype=float) / cutoff - 1)
+            near |= np.nan_to_num(relative, nan=np.inf) <= NEAR_CUTOFF_RELATIVE
+    for offset, (scenario, cvs) in enumerate(assay_noise_cv.items()):
+        rng = np.random.default_rng([seed, offset])
+        flips = {name: np.zeros(len(data)) for name in phenotypers}
+        right = {name: np.zeros(len(data)) for name in phenotypers}
+        for _ in range(repeats):
+            again = remeasure(data, cvs, rng)
+            for name, estimator in phenotypers.items():
+                labels = np.asarray(estimator.predict(again), dtype=object)
+                flips[name] += labels != predictions[name].labels
+                right[name] += labels == np.asarray(PHENOTYPES, dtype=object)[truth]
+        for name in phenotypers:
+            out[name][f"flip_rate_{scenario}"] = flips[name] / repeats
+            out[name][f"accuracy_remeasured_{scenario}"] = right[name] / repeats
+            out[name][f"flip_rate_near_cutoff_{scenario}"] = np.vstack(
+                [flips[name] / repeats * near, near.astype(float)])
+    return out
+
+
+def _confusion_frame(confusion: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(confusion.astype(int), index=pd.Index(PHENOTYPES, name="reference"),
+                        columns=pd.Index(PREDICTED_LABELS, name="predicted"))
+
+
+def _treatment_frame(confusion: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(treatment_table(confusion).astype(int),
+                        index=pd.Index(TREATMENTS, name="needed"),
+                        columns=pd.Index(TREATMENTS, name="given"))
+
+
+def _decision_curves(scorers: Mapping[str, _Scorer], truth: np.ndarray) -> pd.DataFrame:
+    """Net benefit by threshold for each phenotyper and treatment, with treat-all/none."""
+    ones = np.ones((1, len(truth)))
+    rows = []
+    for treatment, phenotype in TREATED_PHENOTYPE.items():
+        prevalence = float(np.mean(truth == PHENOTYPES.index(phenotype)))
+        for threshold in DECISION_CURVE_GRID:
+            odds = threshold / (1 - threshold)
+            rows.append(("treat all", treatment, threshold, prevalence - (1 - prevalence) * odds))
+            rows.append(("treat none", treatment, threshold, 0.0))
+            for name, scorer in scorers.items():
+                rows.append((name, treatment, threshold,
+                             float(scorer.net_benefit(ones, treatment, threshold)[0])))
+    return pd.DataFrame(rows, columns=["phenotyper", "treatment", "threshold", "net_benefit"])
+
+
+def _reliability(predictions: Mapping[str, Predictions], truth: np.ndarray,
+                 n_bins: int = 10) -> pd.DataFrame:
+    """Reliability curves (quantile bins) of the probabilistic phenotypers, per phenotype."""
+    rows = []
+    for name, prediction in predictions.items():
+        if not prediction.probabilistic:
+            continue
+        for k, phenotype in enumerate(PHENOTYPES):
+            observed, predicted = calibration_curve(truth == k, prediction.proba[:, k],
+                                                    n_bins=n_bins, strategy="quantile")
+            rows += [(name, phenotype, p, o) for p, o in zip(predicted, observed, strict=True)]
+    return pd.DataFrame(rows, columns=["phenotyper", "phenotype", "predicted", "observed"])
