@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from phenotyper import report
 from phenotyper import simulate as simulator
 from phenotyper.cohort import (
     CohortError,
@@ -18,6 +19,9 @@ from phenotyper.cohort import (
     read_cohort,
     write_table,
 )
+from phenotyper.evaluate import Benchmark, EvaluationError
+from phenotyper.evaluate import benchmark as run_benchmark
+from phenotyper.rules import reference_rules
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -70,6 +74,53 @@ def simulate(
     _print_calibration(simulator.load_preset(preset), frame)
     Console().print(Text(f"Wrote {len(frame):,} synthetic patients to {output}."))
 
+
+@app.command()
+def benchmark(
+    cohort: Annotated[Path, typer.Option(help="Held-out cohort: CSV, TSV, TXT or Parquet.")],
+    label: Annotated[str, typer.Option(
+        help="Column with the reference phenotype (e.g. phenotype_true).")],
+    output: Annotated[Path, typer.Option(
+        help="Folder for benchmark.json, benchmark.md and the figures.")],
+    mapping: Annotated[Path | None, typer.Option(
+        help="TOML file mapping the file's columns and units to the panel's.")] = None,
+    bootstrap: Annotated[int, typer.Option(
+        min=10, help="Bootstrap resamples (by patient) for the 95% intervals.")] = 1000,
+    noise_repeats: Annotated[int, typer.Option(
+        min=0, help="Re-measurements per assay-noise scenario (0 skips robustness).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed for resampling and re-measurement.")] = 0,
+) -> None:
+    """Judge the fixed-threshold rules side by side on a cohort, with confidence intervals."""
+    try:
+        data = read_cohort(cohort, mapping).data
+        phenotypers = {name: rule.fit(data) for name, rule in reference_rules().items()}
+        result = run_benchmark(phenotypers, data, label, n_boot=bootstrap, seed=seed,
+                               noise_repeats=noise_repeats)
+        written = report.write_benchmark(result, output, source=str(cohort))
+    except (CohortError, EvaluationError) as error:
+        exit_with_error(str(error))
+    except OSError as error:
+        exit_with_error(f"Cannot write the benchmark to {output}: {error.strerror}.")
+    _print_headline(result)
+    Console().print(Text(f"Wrote {', '.join(path.name for path in written)} to {output}."))
+
+
+def _print_headline(result: Benchmark) -> None:
+    """The report's headline metrics for the terminal: a row per metric, a column per rule."""
+    records = result.records[result.records.subgroup == "all"].set_index(["phenotyper", "metric"])
+    names = list(dict.fromkeys(records.index.get_level_values(0)))
+    table = Table(title=f"Benchmark against '{result.meta['label']}' "
+                        f"({result.meta['n_patients']:,} patients, 95% bootstrap CI)")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name.replace("_", " "), justify="right")
+    for metric, words in report.HEADLINE.items():
+        cells = [report.format_estimate(metric, *records.loc[(name, metric)][
+                     ["value", "ci_low", "ci_high"]]).replace(" (", "\n(")
+                 if (name, metric) in records.index else "n/a" for name in names]
+        if any(cell != "n/a" for cell in cells):
+            table.add_row(words, *cells)
+    Console().print(table)
 
 def _print_calibration(preset: simulator.Preset, frame) -> None:
     """The rule's shares and mortality in the simulated cohort beside the preset's targets."""

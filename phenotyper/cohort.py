@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import csv
 import difflib
-import os
 import re
-import tempfile
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from phenotyper.files import atomic_path
 from phenotyper.panel import (
     CANONICAL_COLUMNS,
     NUMERIC_MARKERS,
@@ -294,8 +293,7 @@ def _sniff_delimiter(head: str) -> str:
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a table as Parquet or CSV (by suffix), atomically: a reader never sees half a file.
 
-    The table goes to a temporary file in the same folder, which then replaces `path`, so an
-    interrupted write leaves the old file (or none), never a truncated one.
+    An interrupted write leaves the old file (or none), never a truncated one.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -305,17 +303,11 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
             f"(got '{path.suffix or 'no suffix'}').")
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         if suffix == ".csv":
             pa_csv.write_csv(table, temporary)
         else:
             pq.write_table(table, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -13,6 +13,7 @@ through the same vectorised code; tests check the point estimates against scikit
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -332,7 +333,10 @@ class Benchmark:
 def reference_labels(frame: pd.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray]:
     """Codes of the reference phenotype, and which rows have one (others are left out)."""
     if label not in frame.columns:
-        raise EvaluationError(f"label column '{label}' is not in the cohort")
+        near = difflib.get_close_matches(label, [str(c) for c in frame.columns], n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise EvaluationError(f"label column '{label}' is not in the cohort.{hint} Give the "
+                              "column that holds the reference phenotype with --label.")
     values = frame[label].astype("string").str.strip()
     known = values.isin(PHENOTYPES).fillna(False).to_numpy(bool)
     unusable = values.isna() | values.isin([INDETERMINATE, ""])

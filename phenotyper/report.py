@@ -1,0 +1,553 @@
+"""Figures and written reports: what a person (or a later program) reads after a benchmark.
+
+`write_benchmark` turns an `evaluate.Benchmark` into `benchmark.json` (every number, for
+machines), `benchmark.md` (the side-by-side tables a person reads) and PNG figures. Everything
+is rendered in memory first and each file then replaces its predecessor atomically, so a failure
+part-way leaves the previous report as it was, never half a file.
+
+Figures use matplotlib's object-oriented `Figure` (no pyplot): it renders with Agg whatever the
+session's backend, keeps no global figure registry (nothing to close), and importing this module
+does not change the backend of a notebook that imports it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
+
+import phenotyper
+from phenotyper.evaluate import ANAKINRA, INTERFERON_GAMMA, TREATED_PHENOTYPE, Benchmark
+from phenotyper.files import write_bytes_atomic
+from phenotyper.rules import (
+    FERRITIN_MALS_NG_ML,
+    HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+    PHENOTYPES,
+)
+
+JSON_FILE, MARKDOWN_FILE = "benchmark.json", "benchmark.md"
+CONFUSION_FILE, RELIABILITY_FILE = "confusion_matrices.png", "reliability.png"
+DECISION_FILE, FLIP_FILE = "decision_curves.png", "flip_rates.png"
+DPI = 110
+RECORD_COLUMNS = ("phenotyper", "metric", "subgroup", "value", "ci_low", "ci_high")
+SYNTHETIC_NOTE = ("If the cohort is synthetic (e.g. from `phenotyper simulate`), these numbers "
+                  "check the software; they are not clinical evidence.")
+
+# Headline rows, in reading order, with the words a clinician reads them by.
+HEADLINE: dict[str, str] = {
+    "coverage": "coverage (not indeterminate)",
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy (mean sensitivity)",
+    "macro_f1": "macro F1",
+    "auroc_macro": "AUROC, macro one-vs-rest",
+    "treatment_agreement": "treatment as the reference phenotype needs",
+    "harm_interferon_gamma_to_MALS": "harm: interferon-gamma to a MALS patient",
+    "harm_anakinra_to_immunoparalysis": "harm: anakinra to an immunoparalysed patient",
+    "missed_immunotherapy": "missed immunotherapy",
+    "flip_rate_between_labs": "flip rate, re-measured in another lab",
+    "accuracy_remeasured_between_labs": "accuracy, re-measured in another lab",
+    "log_loss": "log loss (lower is better)",
+    "brier": "Brier score (lower is better)",
+}
+PER_PHENOTYPE: dict[str, str] = {
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "auroc": "AUROC (one-vs-rest)",
+    "average_precision": "average precision",
+}
+# Metrics that are shares of patients: shown as % (differences in percentage points).
+SHARE_PREFIXES = ("coverage", "accuracy", "treatment_agreement", "harm_", "missed_", "unneeded_",
+                  "flip_rate_", "sensitivity_", "specificity_", "ppv_", "npv_")
+SCENARIO_TEXT = {
+    "within_lab": "the same sample run again in the same laboratory",
+    "between_labs": "the same patient measured in another laboratory, on another platform",
+}
+SUBGROUP_TITLES = {"site": "site", "age": "age band (years)", "sex": "sex"}
+NET_BENEFIT = re.compile(r"^net_benefit_(?P<treatment>.+)_at_(?P<threshold>[0-9.]+)$")
+
+_Numbers = dict[tuple[str, str, str], tuple[float, float, float]]
+_MISSING = (math.nan, math.nan, math.nan)
+
+
+def write_benchmark(benchmark: Benchmark, output_dir: Path, source: str) -> list[Path]:
+    """Write benchmark.json, benchmark.md and the figures into `output_dir`; return the paths.
+
+    `source` names the cohort (file or description) in both reports. In the JSON, `confusion`
+    is {phenotyper: {reference phenotype: {predicted label: patients}}} and `treatment`
+    {phenotyper: {treatment needed: {treatment given: patients}}}; NaN is written as null.
+    A figure that does not apply (no probabilistic phenotyper, no re-measurement) is not drawn,
+    and a stale copy from an earlier report in the same folder is removed.
+    """
+    output_dir = Path(output_dir)
+    names = _phenotypers(benchmark)
+    numbers = _numbers(benchmark)
+    figures = {
+        CONFUSION_FILE: _confusion_figure(benchmark, names),
+        RELIABILITY_FILE: _reliability_figure(benchmark, names),
+        DECISION_FILE: _decision_figure(benchmark, names),
+        FLIP_FILE: _flip_figure(benchmark, names, numbers),
+    }
+    drawn = {name: _png(figure) for name, figure in figures.items() if figure is not None}
+    contents = {
+        JSON_FILE: _json(benchmark, source).encode(),
+        MARKDOWN_FILE: _markdown(benchmark, source, names, numbers, drawn).encode(),
+        **drawn,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        write_bytes_atomic(output_dir / name, data)
+    for name in figures.keys() - drawn.keys():
+        (output_dir / name).unlink(missing_ok=True)
+    return [output_dir / name for name in contents]
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+
+def _phenotypers(benchmark: Benchmark) -> list[str]:
+    """Phenotyper names, reference first, the others in the order they were benchmarked."""
+    reference = benchmark.meta["reference"]
+    names = dict.fromkeys(benchmark.records["phenotyper"])
+    return [reference, *(name for name in names if name != reference)]
+
+
+def _numbers(benchmark: Benchmark) -> _Numbers:
+    """(phenotyper, metric, subgroup) -> (value, ci_low, ci_high), for cheap look-ups."""
+    rows = benchmark.records[list(RECORD_COLUMNS)].itertuples(index=False)
+    return {(p, m, s): (float(v), float(lo), float(hi)) for p, m, s, v, lo, hi in rows}
+
+
+def _probabilistic(names: Iterable[str], numbers: _Numbers) -> list[str]:
+    """Phenotypers whose probabilities were judged (rules have no log loss)."""
+    return [name for name in names if (name, "log_loss", "all") in numbers]
+
+
+def _scenarios(benchmark: Benchmark, numbers: _Numbers) -> list[str]:
+    """Re-measurement scenarios the benchmark ran (none when noise_repeats was 0)."""
+    reference = benchmark.meta["reference"]
+    return [scenario for scenario in benchmark.meta["assay_noise_cv"]
+            if (reference, f"flip_rate_{scenario}", "all") in numbers]
+
+
+def format_estimate(
+    metric: str, value: float, low: float, high: float, difference: bool = False
+) -> str:
+    """`0.844 (0.839-0.849)`, or `84.4% (83.9-84.9)` for shares of patients; differences are
+    signed (`+1.2 pp (0.4 to 2.0) *`), starred when the interval excludes 0."""
+    if not math.isfinite(value):
+        return "n/a"
+    share = metric.startswith(SHARE_PREFIXES)
+    scale, digits = (100, 1) if share else (1, 3)
+    unit = (" pp" if difference else "%") if share else ""
+    text = f"{value * scale:{'+' if difference else ''}.{digits}f}{unit}"
+    if math.isfinite(low) and math.isfinite(high):
+        separator = " to " if difference or low < 0 else "-"
+        text += f" ({low * scale:.{digits}f}{separator}{high * scale:.{digits}f})"
+        if difference and (low > 0 or high < 0):
+            text += " *"
+    return text
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], labels: int = 1) -> list[str]:
+    """A GitHub-style pipe table: the first `labels` columns left-aligned, the rest right."""
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    rule = "|" + "|".join([":---"] * labels + ["---:"] * (len(header) - labels)) + "|"
+    return [line(header), rule, *(line(row) for row in rows), ""]
+
+
+# --- benchmark.json ---------------------------------------------------------------------------
+
+
+def _json(benchmark: Benchmark, source: str) -> str:
+    document = {
+        "meta": {**benchmark.meta, "source": source,
+                 "phenotyper_version": phenotyper.__version__},
+        "records": benchmark.records[list(RECORD_COLUMNS)].to_dict(orient="records"),
+        "confusion": {name: frame.to_dict(orient="index")
+                      for name, frame in benchmark.confusion.items()},
+        "treatment": {name: frame.to_dict(orient="index")
+                      for name, frame in benchmark.treatment.items()},
+    }
+    return json.dumps(_plain(document), indent=1, allow_nan=False) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """What JSON can hold: str keys, lists, Python scalars; NaN and infinities become None."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- benchmark.md -----------------------------------------------------------------------------
+
+
+def _markdown(benchmark: Benchmark, source: str, names: list[str], numbers: _Numbers,
+              drawn: Iterable[str]) -> str:
+    sections = [
+        _header(benchmark, source),
+        _headline(names, numbers),
+        _differences(benchmark, names, numbers),
+        _per_phenotype(names, numbers),
+        _treatment(benchmark, names),
+        _net_benefit(benchmark, names, numbers),
+        _robustness(benchmark, names, numbers),
+        _calibration(names, numbers),
+        _subgroups(benchmark, names, numbers),
+        _figures(set(drawn)),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _header(benchmark: Benchmark, source: str) -> list[str]:
+    meta = benchmark.meta
+    return [
+        "# Phenotyper benchmark",
+        "",
+        f"Cohort: `{source}`. Reference standard: the `{meta['label']}` column; "
+        f"{meta['n_patients']:,} patients judged, {meta['n_left_out']:,} left out for lack of a "
+        f"reference label. Every phenotyper is judged on the same patients, and differences are "
+        f"taken from `{meta['reference']}`. Intervals are {meta['confidence']:.0%} percentile "
+        f"intervals from {meta['n_boot']:,} bootstrap resamples by patient (all of a patient's "
+        f"rows move together; a difference uses the same resamples for both phenotypers). "
+        f"Seed {meta['seed']}; phenotyper {phenotyper.__version__}.",
+        "",
+        f"> **Note.** {SYNTHETIC_NOTE}",
+        "",
+    ]
+
+
+def _headline(names: list[str], numbers: _Numbers) -> list[str]:
+    rows = [[label, *(format_estimate(metric, *numbers.get((name, metric, "all"), _MISSING))
+                      for name in names)]
+            for metric, label in HEADLINE.items()]
+    return [
+        "## Headline",
+        "",
+        "Percentages are shares of patients; an `indeterminate` answer (a needed marker is "
+        "missing) counts as wrong.",
+        "",
+        *_table(["metric", *names], rows),
+        "n/a: not computed. Probability metrics (log loss, Brier score, calibration) are not "
+        "computed for fixed rules, whose one-hot output is not a probability.",
+        "",
+    ]
+
+
+def _differences(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> list[str]:
+    reference = benchmark.meta["reference"]
+    others = names[1:]
+    lines = [f"## Differences from `{reference}`", ""]
+    if not others:
+        return [*lines, f"Only `{reference}` was benchmarked.", ""]
+    rows = [[label, *(format_estimate(metric, *numbers.get(
+                (name, f"{metric}_minus_{reference}", "all"), _MISSING), difference=True)
+                      for name in others)]
+            for metric, label in HEADLINE.items()]
+    return [
+        *lines,
+        f"Phenotyper minus `{reference}` on the same bootstrap resamples; pp = percentage "
+        f"points. `*` marks a difference whose interval excludes 0. Higher is better except "
+        f"for harm, missed immunotherapy, flip rate, log loss and Brier score. n/a: the metric "
+        f"is not computed for one of the two.",
+        "",
+        *_table(["metric", *others], rows),
+    ]
+
+
+def _per_phenotype(names: list[str], numbers: _Numbers) -> list[str]:
+    lines = ["## Per phenotype", "",
+             "One phenotype against the rest. Sensitivity: share of the phenotype's patients "
+             "called it; PPV: share of the calls that are right. n/a: undefined (e.g. the PPV "
+             "of a phenotype the phenotyper never calls).", ""]
+    for phenotype in PHENOTYPES:
+        rows = [[label, *(format_estimate(f"{stem}_{phenotype}",
+                                *numbers.get((name, f"{stem}_{phenotype}", "all"), _MISSING))
+                          for name in names)]
+                for stem, label in PER_PHENOTYPE.items()]
+        lines += [f"### {phenotype}", "", *_table(["metric", *names], rows)]
+    return lines
+
+
+def _treatment(benchmark: Benchmark, names: list[str]) -> list[str]:
+    lines = ["## Treatment", "",
+             "What each phenotyper's answer would give (MALS: anakinra; immunoparalysis: "
+             "interferon-gamma; unclassified or indeterminate: none) against what the "
+             "reference phenotype needs. Patients; rows = needed, columns = given.", ""]
+    for name in names:
+        table = benchmark.treatment[name]
+        rows = [[needed, *(int(count) for count in counts)] for needed, counts in
+                zip(table.index, table.to_numpy(), strict=True)]
+        stimulated = int(table.loc[ANAKINRA, INTERFERON_GAMMA])
+        suppressed = int(table.loc[INTERFERON_GAMMA, ANAKINRA])
+        lines += [
+            f"### {name}", "",
+            *_table(["needed \\ given", *table.columns], rows),
+            f"Harmful cells: **{stimulated}** MALS patients would get interferon-gamma, an "
+            f"immunostimulant to a hyperinflamed patient (row `{ANAKINRA}`, column "
+            f"`{INTERFERON_GAMMA}`); **{suppressed}** immunoparalysed patients would get "
+            f"anakinra, an immunosuppressant to an immunoparalysed patient (row "
+            f"`{INTERFERON_GAMMA}`, column `{ANAKINRA}`).",
+            "",
+        ]
+    return lines
+
+
+def _net_benefit(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> list[str]:
+    reference = benchmark.meta["reference"]
+    points = [NET_BENEFIT.match(metric) for name, metric, subgroup in numbers
+              if name == reference and subgroup == "all"]
+    rows = [[point["treatment"], point["threshold"],
+             *(format_estimate(point.string, *numbers.get((name, point.string, "all"), _MISSING))
+               for name in names)]
+            for point in points if point]
+    return [
+        "## Net benefit", "",
+        "Net benefit at threshold t = (true positives - false positives x t/(1-t)) / patients, "
+        "in true positives per patient: treating patients who have the phenotype, less those "
+        "treated without it at the exchange rate t implies. A model treats when P(phenotype) "
+        ">= t; a rule treats whom it labels, whatever t. Higher is better; "
+        f"`{DECISION_FILE}` shows every threshold beside treat-all and treat-none.",
+        "",
+        *_table(["treatment", "threshold t", *names], rows),
+    ]
+
+
+def _robustness(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> list[str]:
+    meta = benchmark.meta
+    lines = ["## Robustness to assay noise", ""]
+    scenarios = _scenarios(benchmark, numbers)
+    if not scenarios:
+        return [*lines, f"Not measured: the benchmark ran with noise_repeats = "
+                        f"{meta['noise_repeats']}.", ""]
+    near = meta["near_cutoff_relative"]
+    lines += [
+        f"Each patient's markers are measured again {meta['noise_repeats']} times per scenario "
+        "(log-normal noise with the coefficient of variation, CV, below) and phenotyped again. "
+        "Flip rate: share of re-measurements whose phenotype differs from the one on the "
+        "original markers. Accuracy re-measured: share of re-measurements phenotyped right. "
+        f"Near the cut-off: ferritin within {near:.0%} of {FERRITIN_MALS_NG_ML:g} ng/mL or "
+        f"HLA-DR within {near:.0%} of {HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL:g} antibodies/cell "
+        "(the ImmunoSep thresholds), where a fixed rule is most fragile.",
+        "",
+    ]
+    for scenario in scenarios:
+        cvs = ", ".join(f"`{marker}` {cv:.1%}" if marker != "other" else f"other markers {cv:.1%}"
+                        for marker, cv in meta["assay_noise_cv"][scenario].items())
+        lines.append(f"- `{scenario}` ({SCENARIO_TEXT.get(scenario, scenario)}): CV {cvs}.")
+    rows = []
+    for scenario in scenarios:
+        for metric, label in ((f"flip_rate_{scenario}", "flip rate, all patients"),
+                              (f"flip_rate_near_cutoff_{scenario}", "flip rate, near a cut-off"),
+                              (f"accuracy_remeasured_{scenario}", "accuracy re-measured")):
+            rows.append([scenario, label, *(
+                format_estimate(metric, *numbers.get((name, metric, "all"), _MISSING))
+                for name in names)])
+    return [*lines, "", *_table(["scenario", "measure", *names], rows, labels=2)]
+
+
+def _calibration(names: list[str], numbers: _Numbers) -> list[str]:
+    lines = ["## Calibration", ""]
+    probabilistic = _probabilistic(names, numbers)
+    if not probabilistic:
+        return [*lines, "No probabilistic phenotyper was benchmarked: fixed rules give no "
+                        "probabilities to calibrate.", ""]
+    rows = [[name, phenotype,
+             *(format_estimate(metric, *numbers.get((name, metric, "all"), _MISSING))
+               for metric in (f"calibration_intercept_{phenotype}",
+                              f"calibration_slope_{phenotype}"))]
+            for name in probabilistic for phenotype in PHENOTYPES]
+    return [
+        *lines,
+        "Logistic recalibration of each phenotype's one-vs-rest probability. Intercept (slope "
+        "fixed at 1): ideal 0; above 0, the predicted probabilities are too low on average. "
+        "Slope: ideal 1; below 1, the probabilities are too extreme (over-confident). Rules "
+        "have no probabilities and are not listed.",
+        "",
+        *_table(["phenotyper", "phenotype", "intercept", "slope"], rows, labels=2),
+    ]
+
+
+def _subgroups(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> list[str]:
+    reference = benchmark.meta["reference"]
+    groups: dict[str, list[str]] = {}
+    for subgroup in dict.fromkeys(benchmark.records["subgroup"]):
+        if subgroup != "all":
+            groups.setdefault(subgroup.partition("=")[0], []).append(subgroup)
+    lines = ["## Subgroups", "",
+             "Accuracy (share of patients phenotyped right, indeterminate counted as wrong) in "
+             "each subgroup; n = patients in the subgroup. Small subgroups have wide intervals.",
+             ""]
+    for kind, subgroups in groups.items():
+        rows = [[subgroup.partition("=")[2],
+                 f"{numbers.get((reference, 'n', subgroup), _MISSING)[0]:,.0f}",
+                 *(format_estimate("accuracy", *numbers.get((name, "accuracy", subgroup), _MISSING))
+                   for name in names)]
+                for subgroup in subgroups]
+        title = SUBGROUP_TITLES.get(kind, kind)
+        lines += [f"### By {title}", "", *_table([title, "n", *names], rows)]
+    return lines
+
+
+def _figures(drawn: set[str]) -> list[str]:
+    described = {
+        CONFUSION_FILE: "reference phenotype x predicted label for each phenotyper "
+                        "(patients and row %)",
+        RELIABILITY_FILE: "predicted probability against observed share, per phenotype",
+        DECISION_FILE: "net benefit against threshold, per treatment",
+        FLIP_FILE: "flip rate under re-measurement, per phenotyper and scenario",
+    }
+    not_drawn = {
+        RELIABILITY_FILE: "no probabilistic phenotyper was benchmarked (fixed rules give no "
+                          "probabilities)",
+        FLIP_FILE: "the benchmark ran without re-measurement (noise_repeats = 0)",
+    }
+    lines = ["## Figures", ""]
+    for name, text in described.items():
+        if name in drawn:
+            lines.append(f"- [`{name}`]({name}): {text}.")
+        else:
+            lines.append(f"- `{name}`: not drawn: {not_drawn[name]}.")
+    return [*lines, ""]
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def _colours(names: list[str]) -> dict[str, str]:
+    """One colour per phenotyper, the same in every figure."""
+    return {name: f"C{i % 10}" for i, name in enumerate(names)}
+
+
+def _grid(count: int, columns: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
+    """A figure with `count` panels, `columns` a row; unused panels hidden."""
+    columns = min(count, columns)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return figure, axes[:count]
+
+
+def _confusion_figure(benchmark: Benchmark, names: list[str]) -> Figure:
+    """One confusion matrix per phenotyper, coloured by row share, annotated with counts."""
+    figure, axes = _grid(len(names), 3, 4.6, 3.6)
+    for ax, name in zip(axes, names, strict=True):
+        counts = benchmark.confusion[name]
+        # ConfusionMatrixDisplay needs a square matrix: pad an all-zero `indeterminate`
+        # reference row (no reference phenotype is indeterminate), then crop it from view.
+        square = counts.reindex(index=counts.columns, fill_value=0).to_numpy()
+        totals = square.sum(axis=1, keepdims=True)
+        shares = np.divide(square, totals, out=np.zeros(square.shape), where=totals > 0)
+        display = ConfusionMatrixDisplay(shares, display_labels=list(counts.columns))
+        display.plot(ax=ax, colorbar=False, xticks_rotation=30,
+                     im_kw={"vmin": 0, "vmax": 1, "cmap": "Blues"})
+        for (row, column), text in np.ndenumerate(display.text_):
+            text.set_text(f"{square[row, column]:,}\n{shares[row, column]:.0%}")
+            text.set_visible(row < len(counts))
+        ax.set_ylim(len(counts) - 0.5, -0.5)
+        ax.set(title=name, xlabel="predicted label", ylabel="reference phenotype")
+    figure.colorbar(display.im_, ax=list(axes), label="share of the reference phenotype's patients",
+                    shrink=0.8)
+    figure.suptitle("Reference phenotype x predicted label (patients, row %)")
+    return figure
+
+
+def _reliability_figure(benchmark: Benchmark, names: list[str]) -> Figure | None:
+    """Reliability curves, one panel per phenotype; None when no phenotyper gives probabilities."""
+    curves = benchmark.reliability
+    if curves.empty:
+        return None
+    colours = _colours(names)
+    phenotypes = [p for p in PHENOTYPES if p in set(curves["phenotype"])]
+    figure, axes = _grid(len(phenotypes), 3, 4.2, 4.4)
+    for ax, phenotype in zip(axes, phenotypes, strict=True):
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+        for name, curve in curves[curves["phenotype"] == phenotype].groupby("phenotyper",
+                                                                              sort=False):
+            ax.plot(curve["predicted"], curve["observed"], marker="o", color=colours[name],
+                    label=name)
+        ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", title=phenotype,
+               xlabel=f"mean predicted P({phenotype})",
+               ylabel=f"observed share with {phenotype}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper left", fontsize="small")
+    figure.suptitle("Reliability: predicted probability vs observed share (quantile bins)")
+    return figure
+
+
+def _decision_figure(benchmark: Benchmark, names: list[str]) -> Figure:
+    """Decision curves, one panel per treatment, with treat-all and treat-none."""
+    curves = benchmark.decision_curves
+    # Rules often coincide (same people treated): earlier lines drawn wider show beneath.
+    styles = {name: {"color": colour, "linewidth": 1.5 + 1.0 * (len(names) - 1 - i)}
+              for i, (name, colour) in enumerate(_colours(names).items())}
+    styles["treat all"] = {"color": "grey", "linestyle": "--"}
+    styles["treat none"] = {"color": "black", "linestyle": ":"}
+    treatments = list(dict.fromkeys(curves["treatment"]))
+    figure, axes = _grid(len(treatments), 2, 5.6, 4.6)
+    for ax, treatment in zip(axes, treatments, strict=True):
+        panel = curves[curves["treatment"] == treatment]
+        for name, curve in panel.groupby("phenotyper", sort=False):
+            ax.plot(curve["threshold"], curve["net_benefit"], label=name, **styles[name])
+        phenotype = TREATED_PHENOTYPE.get(treatment, treatment)
+        ax.set_ylim(-0.05, panel["net_benefit"].max() + 0.05)
+        ax.set(title=f"{treatment} (for {phenotype})",
+               xlabel=f"threshold probability of {phenotype}",
+               ylabel="net benefit (true positives per patient)")
+        ax.grid(alpha=0.3)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper",
+                  fontsize="small")
+    figure.suptitle("Decision curves: net benefit of treating on each phenotyper's answer")
+    return figure
+
+
+def _flip_figure(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> Figure | None:
+    """Flip rates per phenotyper and scenario, all patients and near a cut-off, with intervals."""
+    scenarios = _scenarios(benchmark, numbers)
+    if not scenarios:
+        return None
+    figure, axes = _grid(2, 2, max(5.0, 1.3 * len(names)), 4.6)
+    x = np.arange(len(names))
+    width = 0.8 / len(scenarios)
+    for ax, (stem, title) in zip(axes, (("flip_rate_", "all patients"),
+                                        ("flip_rate_near_cutoff_", "patients near a cut-off")),
+                                 strict=True):
+        for i, scenario in enumerate(scenarios):
+            value, low, high = (100 * np.array(column) for column in zip(
+                *(numbers.get((name, f"{stem}{scenario}", "all"), _MISSING) for name in names),
+                strict=True))
+            error = np.clip([value - low, high - value], 0, None)
+            ax.bar(x + (i - (len(scenarios) - 1) / 2) * width, value, width, yerr=error,
+                   capsize=3, label=scenario.replace("_", " "))
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set(title=title, ylabel="flip rate (% of re-measurements)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(title="re-measured", fontsize="small")
+    figure.suptitle("Phenotype flips when the same patients are measured again "
+                    f"({benchmark.meta['confidence']:.0%} CI)")
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
