@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import write_results  # benchmarks/ is on sys.path when run
 from sklearn.metrics import roc_auc_score
 
 from phenotyper.cohort import read_cohort, write_table
@@ -58,9 +59,7 @@ def main() -> None:
         "total_s": round(read_s + evaluate_s + report_s, 2),
         "evaluate_over_one_sklearn_auroc": round(evaluate_s / auc_s),
     }
-    out = Path(__file__).parent / "results" / "benchmark_speed.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(outcome, indent=2) + "\n")
+    write_results("benchmark_speed", outcome)
     print(json.dumps(outcome, indent=2))
 
 

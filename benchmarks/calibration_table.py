@@ -9,10 +9,9 @@ simulated with seeds 0..S-1; the table gives the mean over seeds and the largest
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
+from results_file import write_results  # benchmarks/ is on sys.path when run
 
 from phenotyper.simulate import available_presets, load_preset, mortality_by_rule, rule_shares
 from phenotyper.simulate import simulate as simulate_cohort
@@ -39,9 +38,7 @@ def main() -> None:
                     "simulated_mean_pct": round(100 * values.mean(), 2),
                     "max_abs_deviation_pp": round(100 * np.abs(values - target).max(), 2),
                 })
-    out = Path(__file__).parent / "results" / "calibration_table.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"n": args.n, "seeds": args.seeds, "rows": records}, indent=2))
+    write_results("calibration_table", {"n": args.n, "seeds": args.seeds, "rows": records})
     print(f"n = {args.n}, seeds 0..{args.seeds - 1}\n")
     print("| preset | quantity | phenotype | target % | simulated mean % | max abs dev (pp) |")
     print("|---|---|---|---|---|---|")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_file import write_results  # benchmarks/ is on sys.path when run
 
 from phenotyper.cohort import read_cohort, write_table
 from phenotyper.simulate import simulate
@@ -54,9 +55,7 @@ def main() -> None:
         "simulate_over_baseline": round(simulate_s / baseline_s, 1),
         "rows_per_s": round(args.n / simulate_s),
     }
-    out = Path(__file__).parent / "results" / "simulate_speed.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results("simulate_speed", result)
     print(json.dumps(result, indent=2))
 
 
