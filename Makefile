@@ -19,6 +19,8 @@ demo: setup
 	$(BIN)/phenotyper simulate --preset immunosep-screening --n 20000 --seed 7 \
 		--output data/simulated/immunosep_screening.parquet
 	$(BIN)/phenotyper validate data/simulated/immunosep_screening.parquet
+	$(BIN)/phenotyper benchmark --cohort data/simulated/immunosep_screening.parquet \
+		--label phenotype_true --output reports/rules_benchmark
 
 lint: setup
 	$(BIN)/ruff check phenotyper tests benchmarks
@@ -27,8 +29,9 @@ test: setup lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) data/simulated .pytest_cache
+	rm -rf $(VENV) data/simulated reports .pytest_cache
 
 bench: setup
 	$(BIN)/python benchmarks/simulate_speed.py
 	$(BIN)/python benchmarks/calibration_table.py
+	$(BIN)/python benchmarks/benchmark_speed.py
