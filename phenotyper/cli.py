@@ -89,11 +89,15 @@ def benchmark(
     noise_repeats: Annotated[int, typer.Option(
         min=0, help="Re-measurements per assay-noise scenario (0 skips robustness).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed for resampling and re-measurement.")] = 0,
+    model: Annotated[list[str] | None, typer.Option(
+        help="MLflow model URI to judge beside the rules (models:/NAME@ALIAS, runs:/ID/model); "
+             "repeat for several.")] = None,
 ) -> None:
-    """Judge the fixed-threshold rules side by side on a cohort, with confidence intervals."""
+    """Judge the fixed-threshold rules (and models) side by side, with confidence intervals."""
     try:
         data = read_cohort(cohort, mapping).data
         phenotypers = {name: rule.fit(data) for name, rule in reference_rules().items()}
+        phenotypers.update(_load_models(model or []))
         result = run_benchmark(phenotypers, data, label, n_boot=bootstrap, seed=seed,
                                noise_repeats=noise_repeats)
         written = report.write_benchmark(result, output, source=str(cohort))
@@ -103,6 +107,82 @@ def benchmark(
         exit_with_error(f"Cannot write the benchmark to {output}: {error.strerror}.")
     _print_headline(result)
     Console().print(Text(f"Wrote {', '.join(path.name for path in written)} to {output}."))
+
+
+@app.command()
+def train(
+    experiment: Annotated[Path | None, typer.Argument(
+        help="Experiment TOML file (see experiments/). Omit to run the defaults on --cohort.")
+    ] = None,
+    cohort: Annotated[Path | None, typer.Option(
+        help="Cohort file in panel columns, for a run of the defaults without a TOML.")] = None,
+    label: Annotated[str | None, typer.Option(
+        help="Column with the reference phenotype (with --cohort).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Registered model name (with --cohort).")] = None,
+    mapping: Annotated[Path | None, typer.Option(
+        help="TOML mapping of the cohort's columns and units (with --cohort).")] = None,
+) -> None:
+    """Train, benchmark against the rules, log to MLflow, register, and apply the gate."""
+    from phenotyper import experiment as experiments
+
+    try:
+        if experiment is not None:
+            if cohort or label or name:
+                exit_with_error("Give either an experiment file or --cohort/--label/--name.")
+            spec = experiments.load_spec(experiment)
+        elif cohort and label and name:
+            spec = experiments.default_spec(cohort, label, name, mapping)
+        else:
+            exit_with_error("Give an experiment file, or all of --cohort, --label and --name.")
+        outcome = experiments.train(spec)
+    except (experiments.ExperimentError, CohortError, EvaluationError,
+            simulator.PresetError) as error:
+        exit_with_error(str(error))
+    _print_headline(outcome.result.benchmark)
+    console = Console()
+    verdict = "promoted to champion" if outcome.decision.promote else "not promoted"
+    console.print(Text(
+        f"Registered {outcome.model_name} version {outcome.version} (alias challenger): "
+        f"{verdict}. {outcome.decision.reason}.", style="bold"))
+    console.print(Text(f"Tracking: {outcome.tracking_uri}  run {outcome.run_id}. Browse with: "
+                       f"mlflow ui --backend-store-uri {outcome.tracking_uri}"))
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to make champion.")],
+) -> None:
+    """Move the champion alias to a registered version by hand (the gate is bypassed)."""
+    from mlflow.exceptions import MlflowException
+
+    from phenotyper import tracking
+
+    uri = tracking.configure()
+    try:
+        previous = tracking.promote(name, version)
+    except MlflowException as error:
+        exit_with_error(f"Cannot promote {name} version {version} in {uri}: {error.message}")
+    Console().print(Text(f"{name}@champion -> version {version} (was {previous or 'unset'})."))
+
+
+def _load_models(uris: list[str]) -> dict[str, object]:
+    """Fitted models from MLflow URIs, named by their URI."""
+    if not uris:
+        return {}
+    from mlflow.exceptions import MlflowException
+
+    from phenotyper import tracking
+
+    tracking.configure()
+    models = {}
+    for uri in uris:
+        try:
+            models[uri] = tracking.load_model(uri)
+        except (MlflowException, OSError) as error:
+            exit_with_error(f"Cannot load model {uri}: {getattr(error, 'message', error)}")
+    return models
 
 
 def _print_headline(result: Benchmark) -> None:

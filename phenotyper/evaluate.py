@@ -258,6 +258,16 @@ def _nanmean(values: np.ndarray) -> np.ndarray:
     return _divide(np.nansum(values, axis=1), counts)
 
 
+def calibration_by_phenotype(truth: np.ndarray, proba: np.ndarray
+                             ) -> dict[str, tuple[float, float]]:
+    """Calibration (intercept, slope) per phenotype, one-vs-rest, of probabilities (n, K)."""
+    labels = np.asarray(PHENOTYPES, dtype=object)[proba.argmax(axis=1)]
+    scorer = _Scorer(np.asarray(truth), Predictions(labels, proba, True))
+    ones = np.ones((1, len(truth)))
+    return {p: tuple(float(v[0]) for v in scorer.calibration(ones, k))
+            for k, p in enumerate(PHENOTYPES)}
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 

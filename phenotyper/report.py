@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -27,6 +27,9 @@ from sklearn.metrics import ConfusionMatrixDisplay
 import phenotyper
 from phenotyper.evaluate import ANAKINRA, INTERFERON_GAMMA, TREATED_PHENOTYPE, Benchmark
 from phenotyper.files import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from phenotyper.experiment import GateDecision, TrainingResult
 from phenotyper.rules import (
     FERRITIN_MALS_NG_ML,
     HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
@@ -551,3 +554,113 @@ def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
+
+
+# --- model card -------------------------------------------------------------------------------
+
+CARD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "coverage",
+                "treatment_agreement", "harm_interferon_gamma_to_MALS",
+                "harm_anakinra_to_immunoparalysis", "flip_rate_between_labs", "log_loss",
+                "brier")
+
+
+def model_card(result: TrainingResult, version: str, decision: GateDecision) -> str:
+    """A Model Card (Mitchell et al. 2019) for one registered version, in Markdown."""
+    spec, records = result.spec, result.benchmark.records
+    selected, reference = result.selected, result.benchmark.meta["reference"]
+    numbers = {(r.phenotyper, r.metric, r.subgroup): (r.value, r.ci_low, r.ci_high)
+               for r in records.itertuples()}
+    synthetic = spec.preset is not None
+    candidate = result.candidates[selected]
+    lines = [
+        f"# Model card: {spec.registered_model}, version {version}",
+        "",
+        f"Experiment `{spec.name}` ({spec.source}). phenotyper {phenotyper.__version__}.",
+        "",
+        f"**Promotion gate:** {decision.reason}.",
+        "",
+        "## Intended use",
+        "",
+        "Research use: estimate a septic adult's immune phenotype (MALS, immunoparalysis or "
+        "unclassified, as defined for the ImmunoSep trial) from lab markers, with calibrated "
+        "probabilities, for retrospective cohort studies and for designing trial enrichment. "
+        "It is meant to be compared with, not to replace, the fixed-threshold rules.",
+        "",
+        "## Out of scope",
+        "",
+        "- Treatment decisions for an individual patient: this is not a medical device and has "
+        "not been validated prospectively.",
+        "- Children, patients without sepsis, and populations unlike the training cohort.",
+        "- Inputs outside the panel's units and plausible ranges (the reader flags them).",
+        "",
+        "## Data",
+        "",
+        ("**Synthetic.** Training and test patients were drawn from the simulator preset "
+         f"`{spec.preset}` ({result.cohort_source}); the numbers below check the software and "
+         "are not clinical evidence." if synthetic else
+         f"The user's cohort `{result.cohort_source}`; the reference phenotype is the "
+         f"`{spec.label}` column, and the model is only as good as that label."),
+        "",
+        f"- Reference label: `{spec.label}`. Training patients: {len(result.train):,}; held-out "
+        f"test patients: {len(result.test):,}, split by {spec.split_by}"
+        + (" (whole sites held out: external validation)" if spec.split_by == "site" else "")
+        + ".",
+        f"- Features ({len(result.features)}): {', '.join(f'`{f}`' for f in result.features)}.",
+        "",
+        "## Model",
+        "",
+        f"`{selected}`, chosen by {spec.cv_folds}-fold grouped cross-validation on "
+        f"{spec.selection_metric} inside the training set (CV {spec.selection_metric} "
+        f"{candidate.cv_score:.4f}); parameters {candidate.best_params}. Out-of-fold "
+        "calibration (intercept, slope) per phenotype: "
+        + ", ".join(f"{p} ({i:+.2f}, {s:.2f})" for p, (i, s) in candidate.calibration.items())
+        + ("; outside tolerance, so temperature scaling was fitted on the same folds."
+           if candidate.recalibrated else "; within tolerance, used as is."),
+        "",
+        f"## Held-out performance against the `{reference}` rule",
+        "",
+        f"95% bootstrap intervals by patient ({result.benchmark.meta['n_boot']} resamples); "
+        "the difference uses the same resamples for both.",
+        "",
+    ]
+    rows = []
+    for metric in CARD_METRICS:
+        model = numbers.get((selected, metric, "all"), _MISSING)
+        rule = numbers.get((reference, metric, "all"), _MISSING)
+        diff = numbers.get((selected, f"{metric}_minus_{reference}", "all"), _MISSING)
+        rows.append([HEADLINE.get(metric, metric.replace("_", " ")),
+                     format_estimate(metric, *model), format_estimate(metric, *rule),
+                     format_estimate(metric, *diff, difference=True)])
+    lines += _table(["metric", selected, reference, "difference"], rows)
+    lines += ["", "## Calibration on the test set", ""]
+    rows = [[phenotype,
+             format_estimate("intercept", *numbers.get(
+                 (selected, f"calibration_intercept_{phenotype}", "all"), _MISSING)),
+             format_estimate("slope", *numbers.get(
+                 (selected, f"calibration_slope_{phenotype}", "all"), _MISSING))]
+            for phenotype in PHENOTYPES]
+    lines += _table(["phenotype", "intercept (0 is ideal)", "slope (1 is ideal)"], rows)
+    lines += ["", "## Subgroups", "", "Accuracy by subgroup (n patients):", ""]
+    rows = []
+    for (name, metric, subgroup), value in sorted(numbers.items()):
+        if name == selected and metric == "accuracy" and subgroup != "all":
+            n = numbers.get((name, "n", subgroup), _MISSING)[0]
+            rule = numbers.get((reference, "accuracy", subgroup), _MISSING)
+            rows.append([subgroup, f"{n:,.0f}", format_estimate("accuracy", *value),
+                         format_estimate("accuracy", *rule)])
+    lines += _table(["subgroup", "n", selected, reference], rows)
+    lines += [
+        "",
+        "## Caveats",
+        "",
+        "- The reference label defines what \"right\" means; labels near the ferritin and HLA-DR "
+        "cut-offs are unstable (PROVIDE: 88.3% day-1/day-2 agreement).",
+        "- Performance can fall at sites whose analysers or case mix differ from training; "
+        "check the site rows above and re-validate before use elsewhere.",
+        "- Missing markers are handled (imputation or native missing values), but a patient "
+        "with few markers gets a less certain answer: read the probabilities, not only the "
+        "label.",
+    ]
+    if synthetic:
+        lines.append("- Every number here comes from synthetic patients.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,139 @@
+"""Candidate phenotypers learned from the marker panel, built from an experiment's spec.
+
+Every candidate is a scikit-learn pipeline that takes a cohort DataFrame in panel columns and
+answers with `classes_` = the three phenotypes, so the evaluator, the rules and the registry all
+see the same interface:
+
+- `logistic`: regularised multinomial logistic regression on log-transformed markers, with
+  median imputation plus a missing-indicator per marker and standardisation;
+- `xgboost`: gradient-boosted trees with native missing values and balanced class weights (the
+  MALS class is rare); its probabilities are prior-corrected for those weights, so weighting
+  changes what the trees attend to, not the calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_sample_weight
+from xgboost import XGBClassifier
+
+from phenotyper.panel import NUMERIC_MARKERS, PANEL
+
+LINEAR_SCALE_MARKERS = frozenset({"sofa", "age_years"})
+_LOG_FLOOR = 1e-3  # log(x + floor): zero is a valid result for many lab tests
+
+CANDIDATES = ("logistic", "xgboost")
+
+
+class PanelFeatures(TransformerMixin, BaseEstimator):
+    """Cohort DataFrame -> float matrix of the chosen features.
+
+    Lab markers are log-transformed (their distributions are log-normal-like and the effects
+    multiplicative); SOFA and age stay linear; sex becomes 1 for M, 0 for F; extra numeric
+    columns pass unchanged. Missing stays NaN for the next step to handle.
+    """
+
+    def __init__(self, features: Sequence[str] = ()) -> None:
+        self.features = features
+
+    def fit(self, X: pd.DataFrame, y: object = None) -> PanelFeatures:
+        missing = [f for f in self.features if f not in X]
+        if missing:
+            raise ValueError(f"the cohort lacks feature columns {missing}")
+        self.n_features_in_ = len(self.features)
+        return self
+
+    def transform(self, X: pd.DataFrame) -> np.ndarray:
+        columns = []
+        for name in self.features:
+            if name == "sex":
+                sex = X[name].astype("string")
+                columns.append(np.where(sex == "M", 1.0, np.where(sex == "F", 0.0, np.nan)))
+                continue
+            values = pd.to_numeric(X[name], errors="coerce").to_numpy(dtype=float)
+            if name in PANEL and name not in LINEAR_SCALE_MARKERS:
+                values = np.log(np.clip(values, 0, None) + _LOG_FLOOR)
+            columns.append(values)
+        return np.column_stack(columns) if columns else np.empty((len(X), 0))
+
+    def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
+        return np.array([f"log {f}" if f in NUMERIC_MARKERS and f not in LINEAR_SCALE_MARKERS
+                         else f for f in self.features], dtype=object)
+
+
+class WeightedXGBClassifier(ClassifierMixin, BaseEstimator):
+    """XGBoost on phenotype labels, with optional balanced class weights, prior-corrected.
+
+    Trained with class weights w_k the booster estimates q_k proportional to w_k p_k; dividing
+    by w_k and renormalising recovers p_k, so the output stays a calibrated probability.
+    """
+
+    def __init__(self, n_estimators: int = 300, max_depth: int = 4,
+                 learning_rate: float = 0.1, min_child_weight: float = 1.0,
+                 subsample: float = 0.9, colsample_bytree: float = 0.9,
+                 reg_lambda: float = 1.0, class_weight: str | None = "balanced",
+                 n_jobs: int = 2, random_state: int = 0) -> None:
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.min_child_weight = min_child_weight
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.reg_lambda = reg_lambda
+        self.class_weight = class_weight
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: Sequence[Any]) -> WeightedXGBClassifier:
+        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        weight = (compute_sample_weight(self.class_weight, codes)
+                  if self.class_weight else np.ones(len(codes)))
+        self.class_weight_ = np.array([weight[codes == k][0] for k in range(len(self.classes_))])
+        self.booster_ = XGBClassifier(
+            n_estimators=self.n_estimators, max_depth=self.max_depth,
+            learning_rate=self.learning_rate, min_child_weight=self.min_child_weight,
+            subsample=self.subsample, colsample_bytree=self.colsample_bytree,
+            reg_lambda=self.reg_lambda, n_jobs=self.n_jobs, random_state=self.random_state,
+            tree_method="hist", objective="multi:softprob", num_class=len(self.classes_),
+            eval_metric="mlogloss",
+        ).fit(X, codes, sample_weight=weight)
+        self.n_features_in_ = np.asarray(X).shape[1]
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        corrected = self.booster_.predict_proba(X) / self.class_weight_
+        return corrected / corrected.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def build_candidate(kind: str, features: Sequence[str],
+                    params: Mapping[str, Any] | None = None) -> Pipeline:
+    """An unfitted candidate pipeline; `params` are the classifier's own parameters."""
+    params = dict(params or {})
+    if kind == "logistic":
+        steps = [
+            ("features", PanelFeatures(tuple(features))),
+            ("impute", SimpleImputer(strategy="median", add_indicator=True,
+                                     keep_empty_features=True)),
+            ("scale", StandardScaler()),
+            ("classifier", LogisticRegression(max_iter=2000, **params)),
+        ]
+    elif kind == "xgboost":
+        steps = [
+            ("features", PanelFeatures(tuple(features))),
+            ("classifier", WeightedXGBClassifier(**params)),
+        ]
+    else:
+        raise ValueError(f"unknown candidate '{kind}'; choose from {', '.join(CANDIDATES)}")
+    return Pipeline(steps)

@@ -1,0 +1,207 @@
+"""MLflow at the edge: runs, datasets, artifacts, the registry, aliases and the promotion gate.
+
+Tracking defaults to MLflow's embedded SQLite store (`mlflow.db` in the working directory);
+`MLFLOW_TRACKING_URI` points the same code at a team's server. Aliases move only after a run
+has finished everything else, so a failed run never moves one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+import phenotyper
+from phenotyper import explain, report
+
+if TYPE_CHECKING:
+    from phenotyper.experiment import GateDecision, TrainingResult
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"
+MODEL_ARTIFACT = "model"
+
+
+def configure() -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI, or at ./mlflow.db; return the URI in use."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def champion_version(name: str) -> str | None:
+    """The registered version that holds the champion alias, if any."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS).version
+    except MlflowException:
+        return None
+
+
+def load_model(uri: str) -> Any:
+    """A fitted phenotyper from an MLflow model URI (models:/NAME@ALIAS, runs:/ID/model...)."""
+    return mlflow.sklearn.load_model(uri)
+
+
+def content_sha256(frame: pd.DataFrame) -> str:
+    """SHA-256 of a table's full content (MLflow's own dataset digest reads only the head)."""
+    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
+
+
+def git_commit() -> str:
+    """The commit of the phenotyper checkout that ran, or 'unknown' outside git."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(phenotyper.__file__).parent,
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextmanager
+def experiment_run(experiment_name: str, run_name: str) -> Iterator[Any]:
+    """The parent run of one experiment; it ends FAILED if the block raises."""
+    mlflow.set_experiment(experiment_name)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags({"phenotyper.version": phenotyper.__version__,
+                         "git.commit": git_commit()})
+        yield run
+
+
+def _flat_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    return {f"{prefix}{key}": json.dumps(value) if isinstance(value, list | dict | tuple)
+            else str(value) for key, value in values.items()}
+
+
+def _test_metrics(records: pd.DataFrame, phenotyper_name: str) -> dict[str, float]:
+    """Held-out metrics of one phenotyper with their interval ends, as MLflow metrics."""
+    rows = records[(records.phenotyper == phenotyper_name) & (records.subgroup == "all")]
+    metrics = {}
+    for row in rows.itertuples():
+        for suffix, value in (("", row.value), ("_ci_low", row.ci_low),
+                              ("_ci_high", row.ci_high)):
+            if pd.notna(value):
+                metrics[f"test_{row.metric}{suffix}"] = float(value)
+    return metrics
+
+
+def log_result(result: TrainingResult) -> str:
+    """Log a finished training into the active parent run; register the selected model.
+
+    Returns the new model version. Nested runs hold each candidate's search and test metrics;
+    the parent holds the datasets, the benchmark report, the SHAP summary and the model.
+    """
+    spec = result.spec
+    records = result.benchmark.records
+    mlflow.log_params(_flat_params({
+        "label": spec.label, "cohort": result.cohort_source, "features": list(result.features),
+        "split_by": spec.split_by, "test_size": spec.test_size, "split_seed": spec.split_seed,
+        "cv_folds": spec.cv_folds, "selection_metric": spec.selection_metric,
+        "rule_metric": spec.rule_metric, "champion_tolerance": spec.champion_tolerance,
+        "bootstrap": spec.bootstrap, "noise_repeats": spec.noise_repeats,
+        "selected": result.selected, "n_train": len(result.train), "n_test": len(result.test),
+    }))
+    for frame, context in ((result.train, "training"), (result.test, "testing")):
+        dataset = mlflow.data.from_pandas(frame, source=result.cohort_source,
+                                          targets=spec.label, name=f"{spec.name}-{context}")
+        mlflow.log_input(dataset, context=context,
+                         tags={"sha256": content_sha256(frame), "rows": str(len(frame))})
+    for kind, candidate in result.candidates.items():
+        with mlflow.start_run(run_name=kind, nested=True):
+            mlflow.log_params(_flat_params(candidate.best_params, "best."))
+            mlflow.log_params(_flat_params(spec.candidates[kind], "grid."))
+            mlflow.log_metric(f"cv_{spec.selection_metric}", candidate.cv_score)
+            for phenotype, (intercept, slope) in candidate.calibration.items():
+                mlflow.log_metric(f"cv_calibration_intercept_{phenotype}", intercept)
+                mlflow.log_metric(f"cv_calibration_slope_{phenotype}", slope)
+            mlflow.set_tags({"candidate": kind, "recalibrated": str(candidate.recalibrated),
+                             "selected": str(kind == result.selected)})
+            mlflow.log_metrics(_test_metrics(records, kind))
+            mlflow.log_text(candidate.cv_table.to_csv(index=False), "cv_results.csv")
+    mlflow.log_metrics(_test_metrics(records, result.selected))
+    with tempfile.TemporaryDirectory() as folder:
+        report.write_benchmark(result.benchmark, Path(folder), source=result.cohort_source)
+        mlflow.log_artifacts(folder, "benchmark")
+    selected = result.candidates[result.selected].estimator
+    summary = explain.shap_summary_png(selected, result.test)
+    if summary is not None:
+        mlflow.log_image(_png_array(summary), "shap_summary.png")
+    X = result.test[list(result.features)]
+    info = mlflow.sklearn.log_model(
+        selected, name=MODEL_ARTIFACT, registered_model_name=spec.registered_model,
+        serialization_format="skops", skops_trusted_types=_trusted_types(selected),
+        signature=infer_signature(X, selected.predict_proba(X)),
+        input_example=X.head(3), pyfunc_predict_fn="predict_proba",
+    )
+    return str(info.registered_model_version)
+
+
+_TRUSTED_MODULES = ("phenotyper.", "numpy.", "sklearn.", "xgboost.", "scipy.", "builtins.")
+
+
+def _trusted_types(model: Any) -> list[str]:
+    """Types skops must trust to load this model: only our own and our libraries' types."""
+    import skops.io
+
+    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    foreign = [name for name in untrusted if not name.startswith(_TRUSTED_MODULES)]
+    if foreign:
+        raise ValueError(f"model contains types phenotyper will not trust: {foreign}")
+    return untrusted
+
+
+def _png_array(png: bytes) -> Any:
+    """A PNG as an image array (mlflow.log_image takes arrays or PIL images)."""
+    import io
+
+    from matplotlib.image import imread
+
+    return imread(io.BytesIO(png), format="png")
+
+
+def record_decision(name: str, version: str, decision: GateDecision, card: str) -> None:
+    """Log the model card, write the gate's decision as version tags, alias the new version
+    challenger, and move champion to it only when the gate says so. Called last, after
+    everything else succeeded, inside the parent run."""
+    mlflow.log_text(card, "model_card.md")
+    mlflow.set_tags({"gate.decision": "promoted" if decision.promote else "not promoted",
+                     "registered_version": version})
+    client = MlflowClient()
+    client.update_model_version(name, version, description=card)
+    for key, value in decision.numbers.items():
+        client.set_model_version_tag(name, version, f"gate.{key}", str(value))
+    client.set_model_version_tag(name, version, "gate.decision",
+                                 "promoted" if decision.promote else "not promoted")
+    client.set_model_version_tag(name, version, "gate.reason", decision.reason)
+    client.set_registered_model_alias(name, CHALLENGER_ALIAS, version)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+
+
+def promote(name: str, version: str) -> str | None:
+    """Move the champion alias by hand; returns the version that held it before."""
+    client = MlflowClient()
+    client.get_model_version(name, version)  # raises if the version does not exist
+    previous = champion_version(name)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    client.set_model_version_tag(name, version, "gate.decision", "promoted by hand")
+    client.set_model_version_tag(name, version, "gate.previous_champion", str(previous))
+    return previous
+
+
+def model_card_text(name: str, alias: str = CHAMPION_ALIAS) -> str:
+    """The model card stored with the version that holds `alias`."""
+    client = MlflowClient()
+    return client.get_model_version_by_alias(name, alias).description or ""
