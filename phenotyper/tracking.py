@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,14 +30,14 @@ from phenotyper import explain, report
 if TYPE_CHECKING:
     from phenotyper.experiment import GateDecision, TrainingResult
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE = "mlflow.db"  # MLflow's embedded SQLite store, in the working directory
 CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"
 MODEL_ARTIFACT = "model"
 
 
 def configure() -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI, or at ./mlflow.db; return the URI in use."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -44,7 +45,7 @@ def configure() -> str:
 def champion_version(name: str) -> str | None:
     """The registered version that holds the champion alias, if any."""
     try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS).version
+        return str(MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS).version)
     except MlflowException:
         return None
 
@@ -97,6 +98,15 @@ def _test_metrics(records: pd.DataFrame, phenotyper_name: str) -> dict[str, floa
     return metrics
 
 
+def _dataset_source(result: TrainingResult) -> Any:
+    """Where the cohort came from, as an MLflow dataset source: the file, or the simulator."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    if result.spec.cohort_path is not None:
+        return str(Path(result.spec.cohort_path).resolve())  # MLflow resolves a local file
+    return CodeDatasetSource({"phenotyper.simulate": result.cohort_source, "synthetic": "true"})
+
+
 def log_result(result: TrainingResult) -> str:
     """Log a finished training into the active parent run; register the selected model.
 
@@ -113,9 +123,12 @@ def log_result(result: TrainingResult) -> str:
         "bootstrap": spec.bootstrap, "noise_repeats": spec.noise_repeats,
         "selected": result.selected, "n_train": len(result.train), "n_test": len(result.test),
     }))
+    source = _dataset_source(result)
     for frame, context in ((result.train, "training"), (result.test, "testing")):
-        dataset = mlflow.data.from_pandas(frame, source=result.cohort_source,
-                                          targets=spec.label, name=f"{spec.name}-{context}")
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=source, targets=spec.label,
+                                              name=f"{spec.name}-{context}")
         mlflow.log_input(dataset, context=context,
                          tags={"sha256": content_sha256(frame), "rows": str(len(frame))})
     for kind, candidate in result.candidates.items():
@@ -145,7 +158,7 @@ def log_result(result: TrainingResult) -> str:
         signature=infer_signature(X, selected.predict_proba(X)),
         input_example=X.head(3), pyfunc_predict_fn="predict_proba",
     )
-    return str(info.registered_model_version)
+    return str(info.registered_model_version)  # MLflow answers int or str by store
 
 
 _TRUSTED_MODULES = ("phenotyper.", "numpy.", "sklearn.", "xgboost.", "scipy.", "builtins.")

@@ -1,0 +1,170 @@
+"""Experiment specs, splits, tuning and the promotion gate (no MLflow here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, log_loss
+
+from phenotyper.cohort import write_table
+from phenotyper.evaluate import Benchmark
+from phenotyper.experiment import (
+    CHAMPION,
+    ExperimentError,
+    ExperimentSpec,
+    TrainingResult,
+    default_spec,
+    fit_and_evaluate,
+    load_spec,
+    promotion_decision,
+    resolve_features,
+    split_cohort,
+)
+from phenotyper.rules import PHENOTYPES
+from phenotyper.simulate import bayes_posterior, simulate
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+SMALL = {"logistic": {"C": [1.0]}, "xgboost": {"max_depth": [2], "n_estimators": [60]}}
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_experiments_are_valid(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.registered_model and spec.candidates
+
+
+def test_the_four_promised_experiments_ship() -> None:
+    names = {p.stem for p in EXPERIMENTS.glob("*.toml")}
+    assert {"immunosep_full_panel", "routine_labs_only", "external_sites",
+            "assay_noise"} <= names
+    assert "hla_dr_mab_per_cell" in load_spec(EXPERIMENTS / "routine_labs_only.toml").exclude
+    assert load_spec(EXPERIMENTS / "external_sites.toml").split_by == "site"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\nseeed=1\n',
+         r"\[cohort\]: unknown key 'seeed'. Did you mean 'seed'\?"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\nlabels="z"\n[cohort]\npreset="provide"\n',
+         r"unknown key 'labels'. Did you mean 'label'\?"),
+        ('name="x"\nregistered_model="m"\n[cohort]\npreset="provide"\n', "missing 'label'"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[split]\nby="hospital"\n', "split.by 'hospital' is not known"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[candidates.xgbost]\nmax_depth=[3]\n', "Did you mean 'xgboost'"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[candidates.logistic]\nC=1.0\n', r"candidates.logistic.C must be a non-empty list"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[features]\nexclude=["hla_dr"]\n', "feature marker 'hla_dr' is not known"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npath="a.csv"\npreset="provide"\n',
+         "either 'path' or 'preset', not both"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\nn="many"\n',
+         "'cohort.n' must be int"),
+    ],
+)
+def test_bad_experiment_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ExperimentError, match=message) as error:
+        load_spec(path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("by, key", [("patient", "patient_id"), ("site", "site_id")])
+def test_split_keeps_each_group_on_one_side(by: str, key: str) -> None:
+    cohort = simulate("provide", 2000, seed=1)
+    cohort = pd.concat([cohort, cohort.iloc[:300]], ignore_index=True)  # repeated patients
+    spec = ExperimentSpec(name="x", registered_model="m", label="phenotype_true",
+                          preset="provide", split_by=by)
+    train, test = split_cohort(spec, cohort)
+    assert len(train) + len(test) == len(cohort)
+    assert not set(cohort[key].iloc[train]) & set(cohort[key].iloc[test])
+
+
+def test_features_default_to_measured_panel_markers_minus_exclusions() -> None:
+    cohort = simulate("provide", 200, seed=1)
+    cohort["il6_pg_ml"] = np.nan  # this hospital does not measure IL-6
+    spec = ExperimentSpec(name="x", registered_model="m", label="phenotype_true",
+                          preset="provide", exclude=("hla_dr_mab_per_cell",))
+    features = resolve_features(spec, cohort)
+    assert "il6_pg_ml" not in features and "hla_dr_mab_per_cell" not in features
+    assert {"ferritin_ng_ml", "sofa", "sex"} <= set(features)
+
+
+@pytest.fixture(scope="module")
+def small_result() -> TrainingResult:
+    spec = ExperimentSpec(name="small", registered_model="m", label="phenotype_true",
+                          preset="provide", n=1500, cohort_seed=2, candidates=SMALL,
+                          bootstrap=100, noise_repeats=2)
+    return fit_and_evaluate(spec)
+
+
+def test_every_candidate_is_tuned_and_judged_beside_the_rules(small_result) -> None:
+    names = set(small_result.benchmark.records.phenotyper)
+    assert {"immunosep", "ferritin_only", "logistic", "xgboost"} <= names
+    for candidate in small_result.candidates.values():
+        assert candidate.cv_score > 0 and len(candidate.cv_table) == 1
+        assert set(candidate.calibration) == set(PHENOTYPES)
+    # the selection is by cross-validation, never by the test set
+    chosen = min(small_result.candidates.values(), key=lambda c: c.cv_score)
+    assert small_result.selected == chosen.kind
+    assert not set(small_result.train.patient_id) & set(small_result.test.patient_id)
+
+
+def _with_records(result: TrainingResult, rows: list[tuple]) -> TrainingResult:
+    records = pd.DataFrame(rows, columns=["phenotyper", "metric", "subgroup", "value",
+                                          "ci_low", "ci_high"])
+    judged = Benchmark(records, {}, {}, pd.DataFrame(), pd.DataFrame(), {})
+    return dataclasses.replace(result, benchmark=judged, selected="logistic")
+
+
+@pytest.mark.parametrize(
+    ("rule_ci_low", "challenger", "champion", "promote", "reason"),
+    [
+        (0.01, 0.30, None, True, "no champion yet"),
+        (-0.01, 0.30, None, False, "does not beat the ImmunoSep rule"),
+        (0.01, 0.305, 0.30, True, "within 0.01"),
+        (0.01, 0.32, 0.30, False, "worse than champion"),
+    ],
+)
+def test_promotion_gate(small_result, rule_ci_low, challenger, champion, promote,
+                        reason) -> None:
+    rows = [("logistic", "balanced_accuracy_minus_immunosep", "all", 0.05, rule_ci_low, 0.08),
+            ("logistic", "log_loss", "all", challenger, 0.0, 1.0)]
+    if champion is not None:
+        rows.append((CHAMPION, "log_loss", "all", champion, 0.0, 1.0))
+    decision = promotion_decision(_with_records(small_result, rows),
+                                  None if champion is None else "1")
+    assert decision.promote is promote
+    assert reason in decision.reason
+    assert decision.numbers["challenger_value"] == challenger
+
+
+def test_unknown_label_is_a_clear_error(tmp_path: Path) -> None:
+    path = write_table(simulate("provide", 100, seed=1), tmp_path / "c.parquet")
+    with pytest.raises(ExperimentError, match="Did you mean 'phenotype_true'"):
+        fit_and_evaluate(default_spec(path, "phenotype_tru", "m"))
+
+
+@pytest.mark.parametrize("preset", ["immunosep-screening", "provide"])
+def test_default_training_gets_close_to_the_bayes_optimum(tmp_path: Path, preset: str) -> None:
+    """The issue's target, on cohorts from a known law: accuracy >= 98.5% of the Bayes
+    classifier's and log loss within 0.03 of it, with the defaults of --cohort/--label."""
+    path = write_table(simulate(preset, 20_000, seed=21), tmp_path / "cohort.parquet")
+    spec = dataclasses.replace(default_spec(path, "phenotype_true", "m"), bootstrap=20,
+                               noise_repeats=0)  # the model does not depend on these
+    result = fit_and_evaluate(spec)
+    model = result.candidates[result.selected].estimator
+    truth = result.test["phenotype_true"]
+    optimum = bayes_posterior(preset, result.test)
+    optimum_accuracy = accuracy_score(truth, np.asarray(PHENOTYPES)[optimum.argmax(axis=1)])
+    optimum_loss = log_loss(truth, optimum, labels=list(PHENOTYPES))
+    proba = model.predict_proba(result.test)
+    classes = [str(c) for c in model.classes_]
+    assert accuracy_score(truth, model.predict(result.test)) >= 0.985 * optimum_accuracy
+    assert log_loss(truth, proba, labels=classes) <= optimum_loss + 0.03

@@ -1,0 +1,178 @@
+"""Training end to end against real MLflow stores: SQLite, and a live `mlflow server`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from phenotyper.cli import app
+from phenotyper.experiment import ExperimentError, ExperimentSpec, train
+from phenotyper.tracking import content_sha256
+
+SMALL = {"logistic": {"C": [1.0]}, "xgboost": {"max_depth": [2], "n_estimators": [60]}}
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def _spec(**changes) -> ExperimentSpec:
+    spec = ExperimentSpec(name="tiny", registered_model="pheno", label="phenotype_true",
+                          preset="provide", n=1200, cohort_seed=3, candidates=SMALL,
+                          bootstrap=60, noise_repeats=2)
+    return dataclasses.replace(spec, **changes)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh working directory; no MLFLOW_TRACKING_URI, so the default ./mlflow.db is used."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in
+            client.get_registered_model(name).aliases.items()}
+
+
+def test_training_logs_runs_datasets_artifacts_and_registers(sqlite_store: str) -> None:
+    outcome = train(_spec())
+    assert outcome.tracking_uri == sqlite_store and Path("mlflow.db").is_file()
+    client = MlflowClient(sqlite_store)
+    parent = client.get_run(outcome.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["phenotyper.version"] and parent.data.tags["git.commit"]
+    assert parent.data.params["selected"] in SMALL
+    assert "test_accuracy_ci_low" in parent.data.metrics
+
+    children = client.search_runs([outcome.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{outcome.run_id}'")
+    assert {run.data.tags["candidate"] for run in children} == set(SMALL)
+    for child in children:
+        assert "cv_log_loss" in child.data.metrics and "test_balanced_accuracy" in (
+            child.data.metrics)
+        assert any(key.startswith("best.") for key in child.data.params)
+
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    contexts = {d.tags[0].value if d.tags else None for d in inputs.values()}
+    assert len(inputs) == 2 and contexts
+    digests = {tag.key: tag.value for d in inputs.values() for tag in d.tags
+               if tag.key == "sha256"}
+    assert digests  # the full-content hash is recorded
+    expected = {content_sha256(outcome.result.train), content_sha256(outcome.result.test)}
+    recorded = {tag.value for d in inputs.values() for tag in d.tags if tag.key == "sha256"}
+    assert recorded == expected
+
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"benchmark", "model_card.md", "shap_summary.png"} <= artifacts
+    report = {a.path for a in client.list_artifacts(outcome.run_id, "benchmark")}
+    assert {"benchmark/benchmark.json", "benchmark/benchmark.md"} <= report
+
+    version = client.get_model_version("pheno", outcome.version)
+    assert version.tags["gate.decision"] == "promoted"
+    assert "Synthetic" in version.description  # the model card travels with the version
+    assert _aliases(client, "pheno") == {"challenger": "1", "champion": "1"}
+    model = mlflow.sklearn.load_model("models:/pheno@champion")
+    proba = model.predict_proba(outcome.result.test)
+    assert proba.shape == (len(outcome.result.test), 3)
+
+
+def test_gate_keeps_the_champion_and_a_failed_run_moves_nothing(sqlite_store: str) -> None:
+    first = train(_spec())
+    client = MlflowClient(sqlite_store)
+    # a model that sees only age and sex cannot beat the rule: registered, not promoted
+    weak = train(_spec(markers=("age_years", "sex"), name="weak"))
+    assert not weak.decision.promote
+    tags = client.get_model_version("pheno", weak.version).tags
+    assert tags["gate.decision"] == "not promoted"
+    assert float(tags["gate.rule_difference_ci_low"]) <= 0
+    assert _aliases(client, "pheno") == {"challenger": weak.version, "champion": first.version}
+
+    with pytest.raises(ExperimentError):
+        train(_spec(label="no_such_column", name="broken"))
+    failed = client.search_runs([client.get_experiment_by_name("broken").experiment_id])
+    assert [run.info.status for run in failed] == ["FAILED"]
+    assert _aliases(client, "pheno") == {"challenger": weak.version, "champion": first.version}
+
+    result = runner.invoke(app, ["promote", "pheno", weak.version])
+    assert result.exit_code == 0, result.output
+    assert _aliases(client, "pheno")["champion"] == weak.version
+    assert client.get_model_version("pheno", weak.version).tags["gate.decision"] == (
+        "promoted by hand")
+    result = runner.invoke(app, ["promote", "pheno", "99"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_second_run_is_judged_against_the_champion_on_the_same_patients(
+    sqlite_store: str,
+) -> None:
+    train(_spec())
+    second = train(_spec(name="again"))
+    records = second.result.benchmark.records
+    assert "champion" in set(records.phenotyper)
+    assert second.decision.numbers["champion_version"] == "1"
+    assert "champion_value" in second.decision.numbers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on a free loopback port, stopped afterwards."""
+    port = _free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--artifacts-destination", str(tmp_path / "artifacts")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_training_against_a_live_tracking_server(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    outcome = train(_spec())
+    assert outcome.tracking_uri == mlflow_server
+    assert not Path("mlflow.db").exists()  # nothing went to the local default store
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    assert _aliases(client, "pheno")["champion"] == outcome.version
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert "model_card.md" in artifacts
+    model = mlflow.sklearn.load_model(f"models:/pheno/{outcome.version}")
+    assert model.predict_proba(outcome.result.test.head(5)).shape == (5, 3)
