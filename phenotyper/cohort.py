@@ -6,6 +6,17 @@ form, never drops or reorders a row, and records each problem cell as a row-leve
 of failing, so a data manager can fix the source. Only whole-file problems (missing or corrupt
 file, no marker column, bad mapping) raise `CohortError`.
 
+Issue rows are numbered as a person counts the file: row 1 is the first line after the header.
+So a blank line inside a CSV is kept as an all-missing row (its patient_id is reported missing)
+rather than skipped, which would shift every later row number. Blank lines before the header and
+empty rows after the last non-empty one (blank lines, or rows of empty cells, at the end of the
+file) are not data and are dropped; that changes no row number. A quoted cell spanning several
+lines is one row.
+
+Censored results ("<0.5", ">2000") are kept at the bound, except for the ImmunoSep rule markers
+(ferritin, HLA-DR): a bound that does not fall on the same side of the rule's cut-off as every
+value the cell allows is set to missing, so the rule answers indeterminate instead of guessing.
+
 A mapping file (TOML) names the file's columns and units when they are not canonical:
 
     [columns]
@@ -44,6 +55,7 @@ from phenotyper.panel import (
     Marker,
     normalise_unit,
 )
+from phenotyper.rules import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -93,6 +105,14 @@ _COMMA_EVIDENCE = (_FORM_CODE["decimal_comma"], _FORM_CODE["grouped_dot"])
 _CELL_KINDS = (None, AMBIGUOUS_SEPARATOR, CENSORED_LOW, CENSORED_HIGH, UNPARSEABLE, NEGATIVE,
                IMPLAUSIBLE)
 _CODE = {kind: code for code, kind in enumerate(_CELL_KINDS) if kind}
+
+# Markers the ImmunoSep rule thresholds: canonical column -> (cut-off in the panel unit, whether
+# the rule fires above it). A censored value is kept at its bound only if the rule answers the
+# same at the bound as for every value the cell allows; otherwise it is set to missing.
+_RULE_CUT_OFFS: dict[str, tuple[float, bool]] = {
+    "ferritin_ng_ml": (FERRITIN_MALS_NG_ML, True),  # MALS if ferritin > cut-off
+    "hla_dr_mab_per_cell": (HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL, False),  # immunoparalysis if <
+}
 
 
 class CohortError(Exception):
@@ -238,24 +258,38 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, str]:
         raise CohortError(f"Cohort file {path} is not a text file (an Excel workbook?). "
                           "Save it as CSV, or as Parquet with a .parquet name.")
     encoding = "utf-16" if utf16 else "utf-8-sig"
-    delimiter = _sniff_delimiter(head.decode(encoding, errors="replace"))
+    text = head.decode(encoding, errors="replace")
+    delimiter = _sniff_delimiter(text)
+    leading = _leading_blank_lines(text)
     try:
-        return _read_delimited(path, delimiter, encoding), delimiter
+        return _read_delimited(path, delimiter, encoding, leading), delimiter
     except UnicodeDecodeError:
         if utf16:
             raise CohortError(f"Cohort file {path} is not valid UTF-16 text; export it "
                               "again as UTF-8 CSV.") from None
     # not UTF-8: most likely a Windows export; latin-1 decodes any byte sequence
-    return _read_delimited(path, delimiter, "latin-1"), delimiter
+    return _read_delimited(path, delimiter, "latin-1", leading), delimiter
 
 
-def _read_delimited(path: Path, delimiter: str, encoding: str) -> pd.DataFrame:
-    """Every cell as text, no NA conversion; a ragged table is a CohortError."""
+def _leading_blank_lines(text: str) -> int:
+    """How many blank (or whitespace-only) lines come before the header."""
+    blank = re.match(r"(?:[ \t\f\v]*(?:\r\n|\r|\n))*", text)
+    return len(re.findall(r"\r\n|\r|\n", blank.group(0))) if blank else 0
+
+
+def _read_delimited(path: Path, delimiter: str, encoding: str, leading: int = 0
+                    ) -> pd.DataFrame:
+    """Every cell as text, no NA conversion; a ragged table is a CohortError.
+
+    Skips `leading` blank lines before the header; blank lines after it are all-empty rows
+    (so row numbers match the file), except those at the end, which are dropped.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False,
-                                na_filter=False, index_col=False, encoding=encoding)
+                                na_filter=False, index_col=False, encoding=encoding,
+                                skip_blank_lines=False, skiprows=leading)
     except pd.errors.EmptyDataError:
         raise CohortError(f"Cohort file {path} is empty; export the cohort again.") from None
     except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
@@ -266,7 +300,23 @@ def _read_delimited(path: Path, delimiter: str, encoding: str) -> pd.DataFrame:
             f"fields than the header ({where.group(0) if where else 'from the first row on'})."
             " Check the delimiter and quoting (in a comma-delimited file, decimal commas must "
             "be quoted).") from None
-    return frame.fillna("")
+    return _without_trailing_blank_rows(frame.fillna(""))
+
+
+def _without_trailing_blank_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame up to its last row with a non-blank cell (looks only at the tail)."""
+    end, size = len(frame), 16
+    while end:
+        start = max(0, end - size)
+        filled = np.zeros(end - start, dtype=bool)
+        for position in range(frame.shape[1]):
+            cells = frame.iloc[start:end, position].str.strip()
+            filled |= cells.ne("").to_numpy(dtype=bool)
+        if filled.any():
+            end = start + int(np.flatnonzero(filled)[-1]) + 1
+            break
+        end, size = start, size * 2
+    return frame if end == len(frame) else frame.iloc[:end]
 
 
 def _sniff_delimiter(head: str) -> str:
@@ -293,7 +343,9 @@ def _sniff_delimiter(head: str) -> str:
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a table as Parquet or CSV (by suffix), atomically: a reader never sees half a file.
 
-    An interrupted write leaves the old file (or none), never a truncated one.
+    An interrupted write leaves the old file (or none), never a truncated one. Failures name
+    `path`, never the temporary file: an OSError with an errno is raised as such (its `strerror`
+    the system's plain reason, `filename` = `path`); any other Arrow error is a CohortError.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -302,13 +354,31 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
             f"Cannot write {path}: use a .parquet or .csv file name "
             f"(got '{path.suffix or 'no suffix'}').")
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    with atomic_path(path) as temporary:
-        if suffix == ".csv":
-            pa_csv.write_csv(table, temporary)
-        else:
-            pq.write_table(table, temporary)
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        with atomic_path(path) as temporary:
+            try:
+                if suffix == ".csv":
+                    pa_csv.write_csv(table, temporary)
+                else:
+                    pq.write_table(table, temporary)
+            except pa.ArrowException as error:
+                if isinstance(error, OSError):
+                    raise  # atomic_path renames it to `path`
+                reason = _arrow_reason(error).replace(str(temporary), str(path))
+                raise CohortError(f"Cannot write {path}: {reason}.") from None
+    except OSError as error:
+        if error.errno is None or not error.strerror:  # Arrow I/O errors without an errno
+            raise CohortError(f"Cannot write {path}: {_arrow_reason(error)}.") from None
+        raise
+    except pa.ArrowException as error:  # the frame has columns Arrow cannot type
+        raise CohortError(f"Cannot write {path}: {_arrow_reason(error)}.") from None
     return path
+
+
+def _arrow_reason(error: Exception) -> str:
+    """An Arrow error's message (some carry several parts in `args`)."""
+    return "; ".join(str(part).rstrip(".") for part in error.args) or type(error).__name__
 
 
 # --- mapping --------------------------------------------------------------------------------
@@ -566,9 +636,11 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool) -> _Nu
     """Parse stripped cell texts: fast Arrow cast of plain numbers, regex forms for the rest.
 
     A lone separator followed by exactly three digits ("4,420", "4.420") can be a decimal mark
-    or a thousands separator. `decimal` (from the mapping) decides; in auto mode a comma is
-    decimal in ';'-delimited files or in columns with other decimal-comma values, a dot is a
-    thousands separator only in columns with decimal-comma values, and each such cell is an
+    or a thousands separator. `decimal` (from the mapping) decides; in auto mode the decimal
+    mark is a comma in ';'-delimited files (the convention of decimal-comma locales) and in
+    columns with other decimal-comma values, so there "4,420" is 4.42 and "4.420" is 4420;
+    elsewhere a comma groups thousands and a dot is a decimal point (not flagged). Each cell
+    read in auto mode with a comma, or with a dot under the decimal-comma convention, is an
     `ambiguous_separator` issue.
     """
     n = len(text)
@@ -585,7 +657,7 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool) -> _Nu
     auto = decimal is None
     evidence = bool(np.isin(messy["form"], _COMMA_EVIDENCE).any())
     comma_decimal = decimal == "," or (auto and (semicolon or evidence))
-    dot_grouping = decimal == "," or (auto and evidence)
+    dot_grouping = comma_decimal  # a decimal-comma writer groups thousands with dots
     comma = messy["form"] == _FORM_CODE["ambiguous_comma"]
     # (separator, cells, their grouped reading, whether the grouped reading is taken)
     candidates = [(_COMMA, rest[comma], messy["grouped"][comma], not comma_decimal)]
@@ -603,12 +675,12 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool) -> _Nu
         if auto:
             ambiguous[cells] = separator
     code[(code == 0) & (ambiguous > 0)] = _CODE[AMBIGUOUS_SEPARATOR]
-    because = ("the file is ';'-delimited" if semicolon
+    because = ("the file is ';'-delimited, which implies a decimal comma" if semicolon
                else "other values in this column use a decimal comma")
     reason = {
         _COMMA: f"comma read as decimal mark: {because}" if comma_decimal
         else "comma read as thousands separator: no value in this column uses a decimal comma",
-        _DOT: "dot read as thousands separator: other values in this column use a decimal comma",
+        _DOT: f"dot read as thousands separator: {because}",
     }
     return _Numbers(value, code, other, ambiguous, reason)
 
@@ -675,17 +747,39 @@ def _read_marker(raw: pd.Series, marker: Marker, source: ColumnSource, decimal: 
         not_whole = np.isfinite(value) & (value != np.round(value))
     code[negative] = _CODE[NEGATIVE]
     code[~negative & (outside | not_whole)] = _CODE[IMPLAUSIBLE]
+    unsettled = _unsettled(value, code, marker)
     parts = []
     for kind_code in np.unique(code[code > 0]):
         rows, kind = np.flatnonzero(code == kind_code), _CELL_KINDS[kind_code]
-        detail = _marker_detail(kind, rows, value, numbers, marker, source, not_whole)
+        detail = _marker_detail(kind, rows, value, numbers, marker, source, not_whole,
+                                unsettled)
         parts.append(_issues(rows, raw, kind, detail))
-    value[code >= _CODE[UNPARSEABLE]] = np.nan
+    value[(code >= _CODE[UNPARSEABLE]) | unsettled] = np.nan
     return value, parts
 
 
+def _unsettled(value: np.ndarray, code: np.ndarray, marker: Marker) -> np.ndarray:
+    """Censored cells of a rule marker whose bound cannot stand in for the true value.
+
+    "<X" allows any value below X, ">X" any above ("<=", ">=" alike). The ImmunoSep rule is
+    strict (MALS if ferritin > 4420, immunoparalysis if HLA-DR < 5000), so a bound stands in
+    only if the rule answers the same at the bound as at the far end of the interval: ferritin
+    ">X" needs X > 4420 (">4420" is MALS, but 4420 is not) and "<X" needs X <= 4420; HLA-DR
+    "<X" needs X < 5000 and ">X" needs X >= 5000.
+    """
+    if marker.column not in _RULE_CUT_OFFS:
+        return np.zeros(len(value), dtype=bool)
+    cut_off, fires_above = _RULE_CUT_OFFS[marker.column]
+    with np.errstate(invalid="ignore"):
+        at_bound = value > cut_off if fires_above else value < cut_off
+    # far above the bound the rule answers `fires_above`, far below `not fires_above`
+    return (((code == _CODE[CENSORED_HIGH]) & (at_bound != fires_above))
+            | ((code == _CODE[CENSORED_LOW]) & (at_bound == fires_above)))
+
+
 def _marker_detail(kind: str, rows: np.ndarray, value: np.ndarray, numbers: _Numbers,
-                   marker: Marker, source: ColumnSource, not_whole: np.ndarray) -> pd.Series:
+                   marker: Marker, source: ColumnSource, not_whole: np.ndarray,
+                   unsettled: np.ndarray) -> pd.Series:
     """The human sentence for each issue of one kind in a numeric column."""
     converted = f" (converted from {source.unit})" if source.factor != 1 else ""
     shown = _numbers(value[rows]) + f" {marker.unit}{converted}"
@@ -693,6 +787,13 @@ def _marker_detail(kind: str, rows: np.ndarray, value: np.ndarray, numbers: _Num
     if kind in (CENSORED_LOW, CENSORED_HIGH):
         limit = "below the detection" if kind == CENSORED_LOW else "above the reporting"
         detail = f"{limit} limit; kept at the bound " + shown
+        if unsettled[rows].any():
+            cut_off, fires_above = _RULE_CUT_OFFS[marker.column]
+            rule = f"{'>' if fires_above else '<'} {_number(cut_off)} {marker.unit}"
+            detail = detail.where(
+                ~unsettled[rows],
+                f"{limit} limit " + shown + ": the bound cannot settle the ImmunoSep cut-off "
+                f"({rule}), so the value was set to missing")
         if numbers.ambiguous[rows].any():
             detail = detail.where(numbers.ambiguous[rows] == 0,
                                   detail + "; " + _ambiguity(numbers, rows))

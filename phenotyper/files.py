@@ -13,15 +13,33 @@ from pathlib import Path
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` that replaces `path` only if the block completes.
 
-    On any error the temporary file is removed and `path` is left as it was.
+    On any error the temporary file is removed and `path` is left as it was. An OSError about
+    the temporary file is raised again about `path` (same errno, plain `strerror`, `filename`
+    = `path`), so messages name the file the caller asked for, never the temporary one.
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        if not _mentions(error, temporary):
+            raise
+        raise _about(error, temporary, path) from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _mentions(error: OSError, temporary: Path) -> bool:
+    names = (error.filename, error.filename2, error.strerror, *error.args)
+    return any(str(temporary) in str(name) for name in names if name is not None)
+
+
+def _about(error: OSError, temporary: Path, path: Path) -> OSError:
+    """The same failure, reported about `path` (OSError maps errno to its subclass)."""
+    if error.errno is not None:
+        return OSError(error.errno, os.strerror(error.errno), str(path))
+    return OSError(str(error).replace(str(temporary), str(path)))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -85,3 +87,65 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_debris(
 def test_write_table_refuses_an_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(CohortError, match=r"\.parquet or \.csv"):
         write_table(simulate("provide", 5, seed=1), tmp_path / "cohort.json")
+
+
+# --- write errors name the requested path, never the temporary file beside it -----------------
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("name", ["x.csv", "x.parquet"])
+def test_unwritable_output_names_the_requested_path(name: str) -> None:
+    target = Path("/proc") / name  # /proc refuses new files, even for root
+    result = runner.invoke(app, ["simulate", "--n", "5", "--output", str(target)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert message.startswith(f"Error: Cannot write {target}: ")
+    assert ".tmp" not in message and "Failed to open" not in message
+    assert message.count("\n") == 0
+
+
+@pytest.mark.parametrize("name", ["c.csv", "c.parquet"])
+def test_output_that_is_a_directory_names_the_requested_path(tmp_path: Path, name: str) -> None:
+    target = tmp_path / name
+    target.mkdir()
+    result = runner.invoke(app, ["simulate", "--n", "5", "--output", str(target)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: Cannot write {target}: ")
+    assert ".tmp" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no debris
+
+
+@needs_proc
+def test_write_table_error_carries_the_requested_path(tmp_path: Path) -> None:
+    target = Path("/proc/cohort.parquet")
+    with pytest.raises(OSError) as raised:
+        write_table(simulate("provide", 5, seed=1), target)
+    assert raised.value.filename == str(target)
+    assert raised.value.strerror and ".tmp" not in raised.value.strerror
+    assert ".tmp" not in str(raised.value)
+
+
+def test_arrow_errors_while_writing_are_cohort_errors_naming_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(table, where, **kwargs):
+        raise pa.ArrowInvalid(f"cannot write to '{where}'")
+
+    monkeypatch.setattr(pa_csv, "write_csv", refuse)
+    target = tmp_path / "cohort.csv"
+    result = runner.invoke(app, ["simulate", "--n", "5", "--output", str(target)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith(f"Error: Cannot write {target}: ")
+    assert ".tmp" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_table_arrow_cannot_convert_is_a_cohort_error(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"patient_id": ["a", "b"], "mixed": [1, "x"]})
+    with pytest.raises(CohortError, match=r"Cannot write .*cohort\.parquet"):
+        write_table(frame, tmp_path / "cohort.parquet")
+    assert list(tmp_path.iterdir()) == []

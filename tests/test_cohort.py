@@ -408,6 +408,9 @@ csv_cells_strategy = st.lists(st.one_of(st.sampled_from(TRICKY_CELLS),
                               min_size=1, max_size=25)
 
 
+RULE_MARKERS = ("ferritin_ng_ml", "hla_dr_mab_per_cell")
+
+
 def check_cells(cohort, cells: list[str], column: str) -> None:
     """Each cell is missing (no issue), or a number, or missing with exactly one issue."""
     assert len(cohort.data) == len(cells)
@@ -422,12 +425,15 @@ def check_cells(cohort, cells: list[str], column: str) -> None:
         if cell.strip().lower() in {token.lower() for token in MISSING_SPELLINGS}:
             assert math.isnan(value) and issue is None
         elif math.isnan(value):
-            assert issue is not None and issue[0] in {"unparseable", "negative", "implausible"}
+            unusable = {"unparseable", "negative", "implausible"}
+            if column in RULE_MARKERS:  # a censored bound that straddles the rule's cut-off
+                unusable |= {"censored_low", "censored_high"}
+            assert issue is not None and issue[0] in unusable
         else:
             assert issue is None or issue[0] in {
                 "censored_low", "censored_high", "ambiguous_separator"}
             if issue is None and re.fullmatch(r"[0-9]+(\.[0-9]+)?", cell.strip()):
-                assert value == float(cell)
+                assert value == float(cell.strip())
         if issue is not None:
             assert issue[1] == cell
 
@@ -554,3 +560,188 @@ def test_bad_mappings_are_explained(tmp_path, mapping, pattern):
     with pytest.raises(CohortError, match=pattern) as error:
         read_cohort(path, mapping_path)
     assert "local.toml" in str(error.value)
+
+
+# --- censored values at the ImmunoSep cut-offs ------------------------------------------------
+
+
+def read_rule_markers(tmp_path, ferritin: str, hla_dr: str, mapping: str | None = None):
+    path = write(tmp_path, "patient_id,ferritin_ng_ml,hla_dr_mab_per_cell\n"
+                           f"p1,\"{ferritin}\",\"{hla_dr}\"\n")
+    return read_cohort(path, write(tmp_path, mapping, "mapping.toml") if mapping else None)
+
+
+# (ferritin cell, HLA-DR cell, column whose censored bound cannot settle the rule or None,
+#  what the rule must answer). Cut-offs: MALS if ferritin > 4420, else immunoparalysis if
+#  HLA-DR < 5000. A value kept at its bound must fall on the same side of the cut-off as every
+#  value the cell allows; otherwise it is missing and the rule abstains.
+UNDECIDABLE = [
+    (">2000", "3000", "ferritin_ng_ml", "indeterminate"),  # was immunoparalysis
+    (">4419", "3000", "ferritin_ng_ml", "indeterminate"),
+    (">4420", "3000", "ferritin_ng_ml", "indeterminate"),  # surely MALS, but 4420 is not
+    ("\u2265 4420", "3000", "ferritin_ng_ml", "indeterminate"),
+    ("<5000", "3000", "ferritin_ng_ml", "indeterminate"),  # was MALS
+    ("<4421", "3000", "ferritin_ng_ml", "indeterminate"),
+    ("300", "<6000", "hla_dr_mab_per_cell", "indeterminate"),  # was unclassified
+    ("300", "<5000", "hla_dr_mab_per_cell", "indeterminate"),  # surely < 5000, 5000 is not
+    ("300", "<=5000", "hla_dr_mab_per_cell", "indeterminate"),
+    ("300", ">4999", "hla_dr_mab_per_cell", "indeterminate"),  # 4999.5 would be < 5000
+    ("300", ">100", "hla_dr_mab_per_cell", "indeterminate"),
+    ("<5000", ">100", "ferritin_ng_ml", "indeterminate"),  # both undecidable
+    (">5000", "<6000", "hla_dr_mab_per_cell", "MALS"),  # MALS needs no HLA-DR
+]
+SETTLED = [
+    (">4421", "3000", "MALS"),
+    ("<4420", "3000", "immunoparalysis"),
+    ("\u2264 4420", "3000", "immunoparalysis"),
+    ("<10", "3000", "immunoparalysis"),
+    ("300", "<4999", "immunoparalysis"),
+    ("300", "<50", "immunoparalysis"),
+    ("300", ">5000", "unclassified"),
+    ("300", "\u2265 5000", "unclassified"),
+    ("300", ">100000", "unclassified"),
+]
+
+
+@pytest.mark.parametrize(("ferritin", "hla_dr", "column", "phenotype"), UNDECIDABLE)
+def test_censored_rule_marker_that_straddles_the_cut_off_is_missing(tmp_path, ferritin, hla_dr,
+                                                                    column, phenotype):
+    from phenotyper.rules import ImmunoSepRule
+
+    cohort = read_rule_markers(tmp_path, ferritin, hla_dr)
+    assert math.isnan(cohort.data[column].iloc[0])
+    issue = single_issue(cohort, 1, column)
+    cell = ferritin if column == "ferritin_ng_ml" else hla_dr
+    assert issue["kind"] == ("censored_low" if cell.lstrip().startswith(("<", "\u2264"))
+                             else "censored_high")
+    assert issue["value"] == cell
+    cut_off = "> 4420 ng/mL" if column == "ferritin_ng_ml" else "< 5000 antibodies/cell"
+    assert "ImmunoSep cut-off" in issue["detail"] and cut_off in issue["detail"]
+    assert "cannot settle" in issue["detail"] and "set to missing" in issue["detail"]
+    assert ImmunoSepRule().predict(cohort.data).tolist() == [phenotype]
+
+
+@pytest.mark.parametrize(("ferritin", "hla_dr", "phenotype"), SETTLED)
+def test_censored_rule_marker_that_settles_the_cut_off_stays_at_the_bound(tmp_path, ferritin,
+                                                                          hla_dr, phenotype):
+    from phenotyper.rules import ImmunoSepRule
+
+    cohort = read_rule_markers(tmp_path, ferritin, hla_dr)
+    for column, cell in (("ferritin_ng_ml", ferritin), ("hla_dr_mab_per_cell", hla_dr)):
+        bound = float(cell.lstrip("<>=\u2264\u2265 "))
+        assert cohort.data[column].iloc[0] == pytest.approx(bound)
+        if cell[0] in "<>\u2264\u2265":
+            issue = single_issue(cohort, 1, column)
+            assert issue["kind"].startswith("censored_")
+            assert "kept at the bound" in issue["detail"]
+    assert ImmunoSepRule().predict(cohort.data).tolist() == [phenotype]
+
+
+@pytest.mark.parametrize(("cell", "kept"), [("<2", True), (">2", False), (">4.5", True),
+                                            ("<4.5", False)])
+def test_censored_ferritin_is_judged_against_the_cut_off_in_canonical_units(tmp_path, cell,
+                                                                             kept):
+    mapping = '[columns]\nferritin_ng_ml = { column = "ferritin_ng_ml", unit = "mg/L" }\n'
+    cohort = read_rule_markers(tmp_path, cell, "3000", mapping=mapping)
+    value = cohort.data["ferritin_ng_ml"].iloc[0]
+    if kept:
+        assert value == pytest.approx(float(cell[1:]) * 1000)
+    else:
+        assert math.isnan(value)
+    assert single_issue(cohort, 1, "ferritin_ng_ml")["kind"].startswith("censored_")
+
+
+def test_censored_values_of_other_markers_stay_at_the_bound_whatever_their_size(tmp_path):
+    cohort = read_column(tmp_path, "il6_pg_ml", [">5000", "<4420", ">2000"])
+    assert cohort.data["il6_pg_ml"].tolist() == [5000, 4420, 2000]
+    assert all("kept at the bound" in detail for detail in cohort.issues["detail"])
+
+
+# --- ';'-delimited files: a dot before three digits groups thousands --------------------------
+
+
+@pytest.mark.parametrize(("cell", "expected", "kind"), [
+    ("4.500", 4500, "ambiguous_separator"),  # plain: takes the fast path
+    ("+4.500", 4500, "ambiguous_separator"),
+    (" 4.500 ", 4500, "ambiguous_separator"),
+    ("<4.500", 4500, "censored_low"),
+    ("4.50", 4.5, None),
+    ("4.5", 4.5, None),
+    ("1.234,5", 1234.5, None),
+])
+def test_dot_before_three_digits_is_thousands_in_a_semicolon_file(tmp_path, cell, expected,
+                                                                 kind):
+    path = write(tmp_path, f"patient_id;il6_pg_ml;crp_mg_l\np1;{cell};12\n")
+    cohort = read_cohort(path)
+    assert cohort.data["il6_pg_ml"].iloc[0] == pytest.approx(expected)
+    if kind is None:
+        assert cohort.issues.empty
+        return
+    issue = single_issue(cohort, 1, "il6_pg_ml")
+    assert issue["kind"] == kind
+    assert "dot read as thousands separator" in issue["detail"]
+    assert "';'" in issue["detail"] and "4.5" in issue["detail"]
+
+
+def test_semicolon_file_without_other_decimal_commas_reads_ferritin_dot_as_thousands(tmp_path):
+    path = write(tmp_path, "patient_id;ferritin_ng_ml;hla_dr_mab_per_cell\np1;4.500;3000\n")
+    cohort = read_cohort(path)
+    assert cohort.data["ferritin_ng_ml"].tolist() == [4500]
+    assert single_issue(cohort, 1, "ferritin_ng_ml")["kind"] == "ambiguous_separator"
+
+
+def test_declared_dot_decimal_reads_semicolon_file_dots_as_decimals(tmp_path):
+    path = write(tmp_path, "patient_id;il6_pg_ml\np1;4.500\n")
+    mapping = write(tmp_path, '[options]\ndecimal = "."\n', "mapping.toml")
+    cohort = read_cohort(path, mapping)
+    assert cohort.data["il6_pg_ml"].tolist() == [4.5]
+    assert cohort.issues.empty
+
+
+# --- blank lines: row numbers count lines after the header ------------------------------------
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_blank_lines_are_kept_as_missing_rows_so_row_numbers_match_the_file(tmp_path, newline):
+    lines = ["patient_id,crp_mg_l", "a,1", "", "b,x", "   ", "c,y"]
+    path = tmp_path / "cohort.csv"
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    cohort = read_cohort(path)
+    assert len(cohort.data) == 5
+    assert cohort.data["patient_id"].isna().tolist() == [False, True, False, True, False]
+    assert cohort.data["patient_id"].iloc[[0, 2, 4]].tolist() == ["a", "b", "c"]
+    assert cohort.data["crp_mg_l"].isna().tolist() == [False, True, True, True, True]
+    unparseable = cohort.issues[cohort.issues["kind"] == "unparseable"]
+    assert unparseable["row"].tolist() == [3, 5]
+    assert unparseable["value"].tolist() == ["x", "y"]
+    assert cohort.issues[cohort.issues["kind"] == "missing_id"]["row"].tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("ending", ["", "\n", "\n\n", "\n\n\n", "\r\n\r\n", "\n  \n\t\n"])
+def test_line_endings_at_the_end_of_the_file_add_no_rows(tmp_path, ending):
+    path = write(tmp_path, "patient_id,crp_mg_l\na,1\nb,x" + ending)
+    cohort = read_cohort(path)
+    assert cohort.data["patient_id"].tolist() == ["a", "b"]
+    assert cohort.issues["row"].tolist() == [2]
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path):
+    path = write(tmp_path, "\n  \npatient_id,crp_mg_l\na,1\n\nb,x\n")
+    cohort = read_cohort(path)
+    assert list(cohort.data.columns[:2]) == ["patient_id", "site_id"]
+    assert cohort.data["patient_id"].isna().tolist() == [False, True, False]
+    assert cohort.data["crp_mg_l"].iloc[0] == 1
+    assert cohort.issues[cohort.issues["kind"] == "unparseable"]["row"].tolist() == [3]
+
+
+def test_header_followed_only_by_blank_lines_has_no_data_rows(tmp_path):
+    path = write(tmp_path, "crp_mg_l,sofa\n\n\n")
+    with pytest.raises(CohortError, match="no data rows"):
+        read_cohort(path)
+
+
+def test_blank_lines_keep_row_numbers_in_a_semicolon_utf16_file(tmp_path):
+    path = write(tmp_path, "patient_id;crp_mg_l\n\na;1\n\nb;x\n\n", encoding="utf-16")
+    cohort = read_cohort(path)
+    assert len(cohort.data) == 4
+    assert cohort.issues[cohort.issues["kind"] == "unparseable"]["row"].tolist() == [4]
