@@ -21,6 +21,11 @@ demo: setup
 	$(BIN)/phenotyper validate data/simulated/immunosep_screening.parquet
 	$(BIN)/phenotyper benchmark --cohort data/simulated/immunosep_screening.parquet \
 		--label phenotype_true --output reports/rules_benchmark
+	for experiment in experiments/*.toml; do $(BIN)/phenotyper train $$experiment || exit 1; done
+	$(BIN)/phenotyper model-card immunophenotyper --output models/immunophenotyper_champion.md
+	@echo "Rules benchmark: reports/rules_benchmark/benchmark.md"
+	@echo "Champion's model card: models/immunophenotyper_champion.md"
+	@echo "Runs and registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 lint: setup
 	$(BIN)/ruff check phenotyper tests benchmarks

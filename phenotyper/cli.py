@@ -99,7 +99,8 @@ def benchmark(
         phenotypers = {name: rule.fit(data) for name, rule in reference_rules().items()}
         phenotypers.update(_load_models(model or []))
         result = run_benchmark(phenotypers, data, label, n_boot=bootstrap, seed=seed,
-                               noise_repeats=noise_repeats)
+                               noise_repeats=noise_repeats,
+                               synthetic=simulator.is_synthetic(data))
         written = report.write_benchmark(result, output, source=str(cohort))
     except (CohortError, EvaluationError) as error:
         exit_with_error(str(error))
@@ -167,6 +168,28 @@ def promote(
     Console().print(Text(f"{name}@champion -> version {version} (was {previous or 'unset'})."))
 
 
+@app.command("model-card")
+def model_card(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    output: Annotated[Path, typer.Option(help="Where to write the card (Markdown).")],
+    alias: Annotated[str, typer.Option(help="Which version, by alias.")] = "champion",
+) -> None:
+    """Write the model card of a registered version (the champion by default)."""
+    from mlflow.exceptions import MlflowException
+
+    from phenotyper import tracking
+    from phenotyper.files import write_bytes_atomic
+
+    uri = tracking.configure()
+    try:
+        card = tracking.model_card_text(name, alias)
+    except MlflowException as error:
+        exit_with_error(f"No {name}@{alias} in {uri}: {error.message}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(output, card.encode())
+    Console().print(Text(f"Wrote the model card of {name}@{alias} to {output}."))
+
+
 def _load_models(uris: list[str]) -> dict[str, object]:
     """Fitted models from MLflow URIs, named by their URI."""
     if not uris:
@@ -201,6 +224,11 @@ def _print_headline(result: Benchmark) -> None:
         if any(cell != "n/a" for cell in cells):
             table.add_row(words, *cells)
     Console().print(table)
+    if result.meta.get("synthetic"):
+        Console().print(Text("SYNTHETIC DATA: these numbers check the software; they are not "
+                             "clinical evidence.", style="bold yellow"))
+    if result.meta.get("warning"):
+        Console().print(Text(f"Warning: {result.meta['warning']}", style="bold yellow"))
 
 def _print_calibration(preset: simulator.Preset, frame) -> None:
     """The rule's shares and mortality in the simulated cohort beside the preset's targets."""

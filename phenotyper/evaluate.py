@@ -9,6 +9,11 @@ rule (the same resamples for both).
 Every metric is written as a function of a matrix of bootstrap weights (one row per resample,
 one column per patient), so the point estimate (all weights 1) and thousands of resamples run
 through the same vectorised code; tests check the point estimates against scikit-learn.
+
+An interval is only given when it means something: resampling needs at least
+`MIN_RESAMPLING_GROUPS` patients, and a metric left undefined (NaN) by more than
+`MAX_UNDEFINED_SHARE` of the resamples (a phenotype with too few patients, say) gets no interval,
+rather than one from the resamples where it happens to be defined.
 """
 
 from __future__ import annotations
@@ -62,7 +67,23 @@ NEAR_CUTOFF_RELATIVE = 0.25  # "near the cut-off": within 25% of 4420 ng/mL or 5
 AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, ">=80"))
 SUBGROUP_METRICS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "coverage")
 CONFIDENCE = 0.95
+# Fewer patients (resampling groups) than this: no intervals, and a warning in `meta`.
+MIN_RESAMPLING_GROUPS = 10
+# A metric undefined in more than this share of resamples gets no interval.
+MAX_UNDEFINED_SHARE = 0.05
 _LOGIT_CLIP = 1e-6
+# Calibration fits: Newton steps at most, convergence on the Newton step, the longest step
+# taken unchecked, and the smallest weighted variance of the logit that identifies a slope.
+_NEWTON_MAX_STEPS = 50
+_NEWTON_TOLERANCE = 1e-9
+_NEWTON_TRUSTED_STEP = 0.5  # longer steps (on the logit scale) are checked and halved if need be
+_MIN_LOGIT_VARIANCE = 1e-8
+
+# Reference labels, matched in any case; PROVIDE calls the unclassified patients "intermediate".
+REFERENCE_LABEL_WORDS: dict[str, str] = {
+    **{phenotype.lower(): phenotype for phenotype in PHENOTYPES},
+    "intermediate": UNCLASSIFIED,
+}
 
 
 class EvaluationError(ValueError):
@@ -95,23 +116,39 @@ def predict(estimator: Any, X: pd.DataFrame) -> Predictions:
 # --- bootstrap --------------------------------------------------------------------------------
 
 
+def resampling_groups(groups: Any) -> tuple[np.ndarray, int]:
+    """Group code per row and the number of groups; a row without an id is its own group.
+
+    A missing (or blank) patient id says nothing about which rows belong together, so such a
+    row is resampled alone rather than with every other row that lacks an id.
+    """
+    ids = pd.Series(np.asarray(groups, dtype=object))
+    blank = ids.map(lambda value: isinstance(value, str) and not value.strip())
+    codes, uniques = pd.factorize(ids.mask(blank))  # missing -> -1
+    codes = np.asarray(codes, dtype=np.int64)
+    missing = codes < 0
+    codes[missing] = len(uniques) + np.arange(int(missing.sum()))
+    return codes, len(uniques) + int(missing.sum())
+
+
 def bootstrap_weights(
     groups: np.ndarray, n_boot: int, seed: int, max_cells: int = 4_000_000
 ) -> Iterator[np.ndarray]:
     """Blocks of resampling weights, (resamples x patients), resampling whole groups.
 
     Each resample draws as many groups as there are, with replacement; a row's weight is the
-    number of times its group was drawn. Blocks keep memory at `max_cells` floats.
+    number of times its group was drawn. A row whose group is missing (NaN, None, blank) is a
+    group of its own. Blocks keep memory at `max_cells` floats.
     """
-    codes, uniques = pd.factorize(pd.Series(groups), use_na_sentinel=False)
-    n_groups = len(uniques)
+    codes, n_groups = resampling_groups(groups)
     rng = np.random.default_rng(seed)
     block = max(1, max_cells // max(len(codes), 1))
     for start in range(0, n_boot, block):
         size = min(block, n_boot - start)
         draws = rng.integers(0, n_groups, size=(size, n_groups))
-        counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws])
-        yield counts[:, codes].astype(float)
+        offsets = np.arange(size)[:, None] * n_groups  # one bincount for the whole block
+        counts = np.bincount((draws + offsets).ravel(), minlength=size * n_groups)
+        yield counts.reshape(size, n_groups)[:, codes].astype(float)
 
 
 # --- metrics as functions of weights ----------------------------------------------------------
@@ -128,11 +165,23 @@ def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
                         np.nan)
 
 
+def _present(truth: np.ndarray) -> np.ndarray:
+    """Which phenotypes (bool, K) occur in the reference labels: what macro averages run over."""
+    return np.isin(np.arange(K), truth)
+
+
 class _Scorer:
-    """Precomputed pieces for one phenotyper on one set of patients."""
+    """Precomputed pieces for one phenotyper on one set of patients.
+
+    Macro averages (balanced accuracy, macro F1, macro AUROC) run over the phenotypes present
+    in `truth`, fixed here from the point estimate: the same set for every phenotyper given the
+    same patients and for every resample (a resample without one of them leaves the average
+    undefined), like scikit-learn's `labels=`.
+    """
 
     def __init__(self, truth: np.ndarray, predictions: Predictions) -> None:
         self.truth = truth  # codes 0..K-1
+        self.present = _present(truth)
         self.pred = pd.Categorical(predictions.labels, categories=PREDICTED_LABELS).codes
         self.probabilistic = predictions.probabilistic
         self.proba = predictions.proba
@@ -160,7 +209,9 @@ class _Scorer:
         return np.asarray((sparse.csr_matrix(w) @ cells).todense()).reshape(-1, K, K + 1)
 
     def label_metrics(self, weights: np.ndarray, mask: np.ndarray | None = None) -> dict:
-        return _label_metrics(self.confusion(weights, mask))
+        """Label metrics; within a subgroup (`mask`), averaged over the subgroup's phenotypes."""
+        present = self.present if mask is None else _present(self.truth[mask])
+        return _label_metrics(self.confusion(weights, mask), present)
 
     def auroc_ap(self, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Weighted one-vs-rest AUROC (Mann-Whitney, ties half) and average precision."""
@@ -178,31 +229,23 @@ class _Scorer:
         return auroc, ap
 
     def calibration(self, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Calibration intercept (offset model) and slope of class k, by weighted Newton."""
+        """Calibration intercept (offset model) and slope of class k, by damped weighted Newton.
+
+        NaN where the fit has no answer: the weighted rows hold only one outcome (both),
+        their logits barely vary (slope), or Newton did not converge (separation: the maximum
+        likelihood estimate is infinite).
+        """
         x, y = self.logit[:, k], (self.truth == k).astype(float)
         start = self.calibration_start.get(k, np.zeros(3))
-        m = len(weights)
-        intercept = np.full(m, start[0])
-        for _ in range(30):
-            mu = _sigmoid(intercept[:, None] + x)
-            step = ((weights * (y - mu)).sum(1)) / np.maximum((weights * mu * (1 - mu)).sum(1),
-                                                              1e-12)
-            intercept += step
-            if np.max(np.abs(step)) < 1e-9:
-                break
-        coef = np.tile(start[1:], (m, 1))
-        for _ in range(50):
-            mu = _sigmoid(coef[:, :1] + coef[:, 1:] * x)
-            r, v = weights * (y - mu), weights * mu * (1 - mu)
-            gradient = np.column_stack([r.sum(1), (r * x).sum(1)])
-            h00, h01, h11 = v.sum(1), (v * x).sum(1), (v * x * x).sum(1)
-            det = np.maximum(h00 * h11 - h01**2, 1e-12)
-            step = np.column_stack([(h11 * gradient[:, 0] - h01 * gradient[:, 1]) / det,
-                                    (h00 * gradient[:, 1] - h01 * gradient[:, 0]) / det])
-            coef += step
-            if np.max(np.abs(step)) < 1e-9:
-                break
-        return intercept, coef[:, 1]
+        total = weights.sum(1)
+        positives = np.einsum("ij,j->i", weights, y)
+        both = (positives > 0) & (positives < total)
+        mean = _divide(np.einsum("ij,j->i", weights, x), total)
+        variance = _divide(np.einsum("ij,j->i", weights, x * x), total) - mean**2
+        spread = both & (variance > _MIN_LOGIT_VARIANCE)
+        intercept = _logistic_fit(weights, x, y, start[:1], both, slope=False)[:, 0]
+        slope = _logistic_fit(weights, x, y, start[1:], spread, slope=True)[:, 1]
+        return intercept, slope
 
     def net_benefit(self, weights: np.ndarray, treatment: str, threshold: float) -> np.ndarray:
         k = PHENOTYPES.index(TREATED_PHENOTYPE[treatment])
@@ -221,14 +264,14 @@ class _Scorer:
     def metrics(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """Every whole-cohort metric for a block of weights."""
         confusion = self.confusion(weights)
-        out = _label_metrics(confusion)
+        out = _label_metrics(confusion, self.present)
         out.update(_treatment_metrics(confusion))
         aurocs = []
         for k, phenotype in enumerate(PHENOTYPES):
             auroc, ap = self.auroc_ap(weights, k)
             out[f"auroc_{phenotype}"], out[f"average_precision_{phenotype}"] = auroc, ap
             aurocs.append(auroc)
-        out["auroc_macro"] = np.mean(aurocs, axis=0)
+        out["auroc_macro"] = np.column_stack(aurocs)[:, self.present].mean(axis=1)
         for treatment in TREATED_PHENOTYPE:
             for threshold in NET_BENEFIT_THRESHOLDS:
                 out[f"net_benefit_{treatment}_at_{threshold:g}"] = self.net_benefit(
@@ -249,13 +292,92 @@ class _Scorer:
             if f"calibration_slope_{phenotype}" in point:
                 slope = point[f"calibration_slope_{phenotype}"][0]
                 intercept = point[f"calibration_intercept_{phenotype}"][0]
-                self.calibration_start[k] = np.array([intercept, 0.0, slope])
+                # an undefined point estimate is no starting point: start from 0 (and 0)
+                self.calibration_start[k] = np.nan_to_num(np.array([intercept, 0.0, slope]))
 
 
-def _nanmean(values: np.ndarray) -> np.ndarray:
-    """Row means ignoring NaN; NaN (silently) for a row with nothing defined."""
-    counts = np.isfinite(values).sum(axis=1)
-    return _divide(np.nansum(values, axis=1), counts)
+def _logistic_fit(weights: np.ndarray, x: np.ndarray, y: np.ndarray, start: np.ndarray,
+                  defined: np.ndarray, slope: bool) -> np.ndarray:
+    """Weighted logistic fits, one per row of `weights`, by damped Newton.
+
+    Without `slope`: logit P(y) = a + x (x an offset), coefficients (a,). With `slope`:
+    logit P(y) = a + b x, coefficients (a, b). A Newton step that could move some patient's
+    linear predictor by more than `_NEWTON_TRUSTED_STEP` is halved until the log-likelihood
+    does not fall (near the optimum, the usual case from a warm start, a full step is safe and
+    the likelihood is not evaluated). Rows not `defined`, whose Hessian is singular, or that
+    have not converged after `_NEWTON_MAX_STEPS` steps (separation: the estimate runs off to
+    infinity) are NaN. Rows leave the loop as they converge.
+    """
+    coef = np.full((len(weights), len(start)), np.nan)
+    converged = np.zeros(len(weights), bool)
+    active = np.flatnonzero(defined)
+    if not len(active):
+        return coef
+    coef[active] = start
+    outcome = y > 0
+    w = weights if len(active) == len(weights) else weights[active]
+    positives, positive_x = np.einsum("ij,j->i", w, y), np.einsum("ij,j->i", w, x * y)
+    squares, reach = x * x, float(np.max(np.abs(x), initial=0.0))
+
+    def probability(c: np.ndarray) -> np.ndarray:
+        return _sigmoid(c[:, :1] + (c[:, 1:] * x if slope else x))
+
+    def log_likelihood(mu: np.ndarray, w: np.ndarray) -> np.ndarray:
+        likely = np.maximum(np.where(outcome, mu, 1 - mu), 1e-300)
+        return np.einsum("ij,ij->i", w, np.log(likely))
+
+    mu = probability(coef[active])
+    for _ in range(_NEWTON_MAX_STEPS):
+        c = coef[active]
+        weighted = w * mu
+        v = weighted * (1 - mu)
+        g0, h00 = positives - weighted.sum(1), v.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if slope:
+                # numpy's own loops: a BLAS matrix-vector product here spins up threads that
+                # cost more than they save on these short rows
+                g1 = positive_x - np.einsum("ij,j->i", weighted, x)
+                h01, h11 = np.einsum("ij,j->i", v, x), np.einsum("ij,j->i", v, squares)
+                det = h00 * h11 - h01**2
+                singular = ~(det > 1e-12 * h00 * h11)
+                step = np.column_stack([(h11 * g0 - h01 * g1) / det,
+                                        (h00 * g1 - h01 * g0) / det])
+            else:
+                singular = ~(h00 > 0)
+                step = (g0 / h00)[:, None]
+        singular |= ~np.isfinite(step).all(axis=1)
+        step[singular] = 0.0
+        trial = c + step
+        mu_trial = probability(trial)
+        moves = np.abs(step[:, 0]) + (np.abs(step[:, 1]) * reach if slope else 0.0)
+        rows = np.flatnonzero(moves > _NEWTON_TRUSTED_STEP)
+        if len(rows):  # step halving: never accept a long step that lowers the likelihood
+            current = log_likelihood(mu[rows], w[rows])
+            tolerance = 1e-12 * (1 + np.abs(current))
+            scale = np.ones(len(rows))
+            worse = log_likelihood(mu_trial[rows], w[rows]) < current - tolerance
+            for _ in range(40):
+                if not worse.any():
+                    break
+                scale[worse] *= 0.5
+                redo = rows[worse]
+                trial[redo] = c[redo] + scale[worse, None] * step[redo]
+                mu_trial[redo] = probability(trial[redo])
+                worse[worse] = log_likelihood(mu_trial[redo], w[redo]) < (current - tolerance)[
+                    worse]
+            stay = rows[worse]  # no ascent even after halving: stay put, run out of steps
+            trial[stay], mu_trial[stay] = c[stay], mu[stay]
+        coef[active], mu = trial, mu_trial
+        done = np.abs(step).max(axis=1) < _NEWTON_TOLERANCE
+        converged[active[done & ~singular]] = True
+        keep = ~(done | singular)
+        if not keep.all():
+            active, w, mu = active[keep], w[keep], mu[keep]
+            positives, positive_x = positives[keep], positive_x[keep]
+            if not len(active):
+                break
+    coef[~converged] = np.nan
+    return coef
 
 
 def calibration_by_phenotype(truth: np.ndarray, proba: np.ndarray
@@ -272,8 +394,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def _label_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """Label metrics from confusion counts; `indeterminate` counts as wrong for every class."""
+def _label_metrics(confusion: np.ndarray, present: np.ndarray) -> dict[str, np.ndarray]:
+    """Label metrics from confusion counts (resamples, K true, K+1 predicted).
+
+    `indeterminate` is never right: it lowers accuracy, sensitivity (so balanced accuracy) and
+    F1. Specificity and NPV read "negative" as "not called this phenotype": an abstention is no
+    false positive, so for the phenotypes a patient does not have it counts as a true negative.
+    Balanced accuracy and macro F1 average over the `present` phenotypes (bool, K), NaN in a
+    resample that lacks one of them (its sensitivity is undefined).
+    """
     total = confusion.sum(axis=(1, 2))
     tp = np.diagonal(confusion[:, :, :K], axis1=1, axis2=2)
     actual = confusion.sum(axis=2)
@@ -285,8 +414,12 @@ def _label_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
         "accuracy": _divide(tp.sum(axis=1), total),
     }
     sensitivity = _divide(tp, actual)
-    out["balanced_accuracy"] = _nanmean(sensitivity)
-    out["macro_f1"] = _nanmean(_divide(2 * tp, actual + called))
+    f1 = _divide(2 * tp, actual + called)
+    if present.any():
+        out["balanced_accuracy"] = sensitivity[:, present].mean(axis=1)
+        out["macro_f1"] = f1[:, present].mean(axis=1)
+    else:
+        out["balanced_accuracy"] = out["macro_f1"] = np.full(len(confusion), np.nan)
     for k, phenotype in enumerate(PHENOTYPES):
         out[f"sensitivity_{phenotype}"] = sensitivity[:, k]
         out[f"specificity_{phenotype}"] = _divide(tn[:, k], total - actual[:, k])
@@ -341,24 +474,34 @@ class Benchmark:
 
 
 def reference_labels(frame: pd.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Codes of the reference phenotype, and which rows have one (others are left out)."""
+    """Codes of the reference phenotype, and which rows have one (others are left out).
+
+    Labels match in any case and around spaces (`MALS`, `mals`, `IMMUNOPARALYSIS`), and PROVIDE's
+    word `intermediate` (neither MALS nor immunoparalysis) is read as `unclassified`. An empty
+    cell or `indeterminate` leaves the patient out; any other value is an error that names
+    the rows and the accepted values.
+    """
     if label not in frame.columns:
         near = difflib.get_close_matches(label, [str(c) for c in frame.columns], n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
         raise EvaluationError(f"label column '{label}' is not in the cohort.{hint} Give the "
                               "column that holds the reference phenotype with --label.")
     values = frame[label].astype("string").str.strip()
-    known = values.isin(PHENOTYPES).fillna(False).to_numpy(bool)
-    unusable = values.isna() | values.isin([INDETERMINATE, ""])
-    bad = ~known & ~unusable.fillna(True).to_numpy(bool)
+    words = values.str.lower()
+    phenotypes = words.map(REFERENCE_LABEL_WORDS).astype(object)
+    known = phenotypes.notna().to_numpy(bool)
+    unusable = (values.isna() | words.isin([INDETERMINATE, ""])).fillna(True).to_numpy(bool)
+    bad = ~known & ~unusable
     if bad.any():
         rows = np.flatnonzero(bad)
         shown = ", ".join(f"row {r + 1}: {values.iloc[r]!r}" for r in rows[:5])
+        accepted = ", ".join(f"'{word}'" for word in REFERENCE_LABEL_WORDS)
         raise EvaluationError(
-            f"label column '{label}' has {len(rows)} values that are not phenotypes ({shown}); "
-            f"use {', '.join(PHENOTYPES)}, or leave the cell empty to leave the patient out")
-    codes = pd.Categorical(values.where(pd.Series(known, index=values.index)),
-                           categories=PHENOTYPES).codes
+            f"label column '{label}' has {len(rows)} values that are not phenotypes ({shown}). "
+            f"Accepted values, in any case: {accepted} ('intermediate' is read as "
+            f"'{UNCLASSIFIED}'); leave the cell empty or write '{INDETERMINATE}' to leave the "
+            "patient out")
+    codes = pd.Categorical(phenotypes.where(known, None), categories=PHENOTYPES).codes
     return codes, known
 
 
@@ -390,12 +533,18 @@ def _subgroups(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     return {name: mask for name, mask in masks.items() if mask.any()}
 
 
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    tail = 100 * (1 - CONFIDENCE) / 2
-    finite = samples[np.isfinite(samples)]
-    if not len(finite):
+def _interval(samples: np.ndarray | None) -> tuple[float, float]:
+    """Percentile interval; NaN when there are no resamples or the metric is undefined
+    (NaN) in more than `MAX_UNDEFINED_SHARE` of them: dropping those resamples would bias the
+    interval, which could then miss its own point estimate."""
+    if samples is None:
         return np.nan, np.nan
-    low, high = np.percentile(finite, [tail, 100 - tail])
+    samples = np.atleast_1d(samples)
+    finite = np.isfinite(samples)
+    if not len(samples) or 1 - finite.mean() > MAX_UNDEFINED_SHARE:
+        return np.nan, np.nan
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(samples[finite], [tail, 100 - tail])
     return float(low), float(high)
 
 
@@ -408,11 +557,16 @@ def benchmark(
     seed: int = 0,
     noise_repeats: int = 20,
     assay_noise_cv: Mapping[str, Mapping[str, float]] = ASSAY_NOISE_CV,
+    synthetic: bool = False,
 ) -> Benchmark:
     """Judge fitted phenotypers on the same patients; `reference` is the comparator.
 
     Patients whose `label` is empty or `indeterminate` are left out (counted in `meta`).
     `noise_repeats` re-measurements per scenario of `assay_noise_cv` measure robustness.
+    The bootstrap resamples patients by `patient_id`; a row without one is a patient of its
+    own. With fewer than `MIN_RESAMPLING_GROUPS` patients (in the cohort, or in a subgroup)
+    there are no intervals, and `meta["warning"]` says why. `synthetic` (the cohort was
+    simulated) is recorded in `meta` for the report's banner.
     """
     if reference not in phenotypers:
         raise EvaluationError(f"reference phenotyper '{reference}' is not among "
@@ -422,7 +576,8 @@ def benchmark(
     truth = truth[usable].astype(int)
     if not len(data):
         raise EvaluationError(f"no patient has a reference phenotype in '{label}'")
-    groups = data[PATIENT_ID].to_numpy() if PATIENT_ID in data else np.arange(len(data))
+    ids = data[PATIENT_ID] if PATIENT_ID in data else pd.Series(np.nan, index=data.index)
+    groups, n_groups = resampling_groups(ids)
 
     predictions = {name: predict(est, data) for name, est in phenotypers.items()}
     scorers = {name: _Scorer(truth, p) for name, p in predictions.items()}
@@ -448,22 +603,33 @@ def benchmark(
     for name, scorer in scorers.items():
         scorer.remember_point(point[name])
     samples: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in phenotypers}
-    for weights in bootstrap_weights(groups, n_boot, seed):
-        for name in phenotypers:
-            for metric, values in block_metrics(name, weights).items():
-                samples[name].setdefault(metric, []).append(values)
+    warning = None
+    if n_groups >= MIN_RESAMPLING_GROUPS:
+        for weights in bootstrap_weights(groups, n_boot, seed):
+            for name in phenotypers:
+                for metric, values in block_metrics(name, weights).items():
+                    samples[name].setdefault(metric, []).append(values)
+    else:
+        warning = (f"Only {n_groups} patient{'s' if n_groups != 1 else ''} to resample (fewer "
+                   f"than {MIN_RESAMPLING_GROUPS}): no confidence intervals are given and no "
+                   "difference can be called significant; the numbers describe these patients "
+                   "only.")
     boot = {name: {m: np.concatenate(v) for m, v in by.items()} for name, by in samples.items()}
+    thin = {group for group, mask in subgroups.items()
+            if len(np.unique(groups[mask])) < MIN_RESAMPLING_GROUPS}
 
     rows = []
     for name in phenotypers:
         for metric, value in point[name].items():
             base, _, subgroup = metric.partition("|")
-            low, high = _interval(boot[name][metric])
+            low, high = _interval(None if subgroup in thin else boot[name].get(metric))
             rows.append((name, base, subgroup or "all", float(value[0]), low, high))
             if name != reference and not subgroup and base != "n":
-                difference = boot[name][metric] - boot[reference].get(metric, np.nan)
                 ref_value = point[reference].get(metric, [np.nan])[0]
-                low, high = _interval(np.atleast_1d(difference))
+                low, high = np.nan, np.nan
+                if metric in boot[name]:
+                    low, high = _interval(boot[name][metric]
+                                          - boot[reference].get(metric, np.nan))
                 rows.append((name, f"{base}_minus_{reference}", "all",
                              float(value[0] - ref_value), low, high))
     records = pd.DataFrame(rows, columns=["phenotyper", "metric", "subgroup", "value",
@@ -477,7 +643,8 @@ def benchmark(
         meta={"label": label, "reference": reference, "n_patients": len(data),
               "n_left_out": int((~usable).sum()), "n_boot": n_boot, "seed": seed,
               "noise_repeats": noise_repeats, "confidence": CONFIDENCE,
-              "assay_noise_cv": dict(assay_noise_cv), "near_cutoff_relative": NEAR_CUTOFF_RELATIVE},
+              "assay_noise_cv": dict(assay_noise_cv), "near_cutoff_relative": NEAR_CUTOFF_RELATIVE,
+              "n_resampling_groups": n_groups, "warning": warning, "synthetic": bool(synthetic)},
     )
 
 

@@ -28,7 +28,7 @@ from phenotyper.evaluate import Benchmark, benchmark, calibration_by_phenotype
 from phenotyper.models import CANDIDATES, build_candidate
 from phenotyper.panel import PANEL, PATIENT_ID, SITE_ID
 from phenotyper.rules import PHENOTYPES, reference_rules
-from phenotyper.simulate import simulate
+from phenotyper.simulate import is_synthetic, simulate
 
 REFERENCE_RULE = "immunosep"
 CHAMPION = "champion"
@@ -352,7 +352,8 @@ def fit_and_evaluate(spec: ExperimentSpec, champion: Any = None) -> TrainingResu
         phenotypers[CHAMPION] = champion
     judged = benchmark(phenotypers, test, spec.label, reference=REFERENCE_RULE,
                        n_boot=spec.bootstrap, seed=spec.benchmark_seed,
-                       noise_repeats=spec.noise_repeats)
+                       noise_repeats=spec.noise_repeats,
+                       synthetic=spec.preset is not None or is_synthetic(cohort))
     return TrainingResult(spec, train, test, features, candidates, ranked[0].kind, judged,
                           source)
 

@@ -25,7 +25,14 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
 import phenotyper
-from phenotyper.evaluate import ANAKINRA, INTERFERON_GAMMA, TREATED_PHENOTYPE, Benchmark
+from phenotyper.evaluate import (
+    ANAKINRA,
+    INTERFERON_GAMMA,
+    MAX_UNDEFINED_SHARE,
+    MIN_RESAMPLING_GROUPS,
+    TREATED_PHENOTYPE,
+    Benchmark,
+)
 from phenotyper.files import write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -43,6 +50,11 @@ DPI = 110
 RECORD_COLUMNS = ("phenotyper", "metric", "subgroup", "value", "ci_low", "ci_high")
 SYNTHETIC_NOTE = ("If the cohort is synthetic (e.g. from `phenotyper simulate`), these numbers "
                   "check the software; they are not clinical evidence.")
+# When the benchmark says its cohort is synthetic: the first line of benchmark.md, and the end
+# of every figure's title.
+SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are not clinical "
+                    "evidence.")
+SYNTHETIC_TITLE = " (synthetic data)"
 
 # Headline rows, in reading order, with the words a clinician reads them by.
 HEADLINE: dict[str, str] = {
@@ -89,16 +101,19 @@ def write_benchmark(benchmark: Benchmark, output_dir: Path, source: str) -> list
     is {phenotyper: {reference phenotype: {predicted label: patients}}} and `treatment`
     {phenotyper: {treatment needed: {treatment given: patients}}}; NaN is written as null.
     A figure that does not apply (no probabilistic phenotyper, no re-measurement) is not drawn,
-    and a stale copy from an earlier report in the same folder is removed.
+    and a stale copy from an earlier report in the same folder is removed. When
+    `benchmark.meta["synthetic"]` is true, benchmark.md opens with a banner saying so and every
+    figure's title ends with "(synthetic data)".
     """
     output_dir = Path(output_dir)
     names = _phenotypers(benchmark)
     numbers = _numbers(benchmark)
+    suffix = SYNTHETIC_TITLE if _synthetic(benchmark) else ""
     figures = {
-        CONFUSION_FILE: _confusion_figure(benchmark, names),
-        RELIABILITY_FILE: _reliability_figure(benchmark, names),
-        DECISION_FILE: _decision_figure(benchmark, names),
-        FLIP_FILE: _flip_figure(benchmark, names, numbers),
+        CONFUSION_FILE: _confusion_figure(benchmark, names, suffix),
+        RELIABILITY_FILE: _reliability_figure(benchmark, names, suffix),
+        DECISION_FILE: _decision_figure(benchmark, names, suffix),
+        FLIP_FILE: _flip_figure(benchmark, names, numbers, suffix),
     }
     drawn = {name: _png(figure) for name, figure in figures.items() if figure is not None}
     contents = {
@@ -115,6 +130,11 @@ def write_benchmark(benchmark: Benchmark, output_dir: Path, source: str) -> list
 
 
 # --- shared helpers ---------------------------------------------------------------------------
+
+
+def _synthetic(benchmark: Benchmark) -> bool:
+    """Whether the benchmark says its cohort is synthetic (older benchmarks do not say)."""
+    return bool(benchmark.meta.get("synthetic", False))
 
 
 def _phenotypers(benchmark: Benchmark) -> list[str]:
@@ -175,7 +195,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], labels: int = 1
 
 def _json(benchmark: Benchmark, source: str) -> str:
     document = {
-        "meta": {**benchmark.meta, "source": source,
+        "meta": {**benchmark.meta, "synthetic": _synthetic(benchmark), "source": source,
                  "phenotyper_version": phenotyper.__version__},
         "records": benchmark.records[list(RECORD_COLUMNS)].to_dict(orient="records"),
         "confusion": {name: frame.to_dict(orient="index")
@@ -221,20 +241,27 @@ def _markdown(benchmark: Benchmark, source: str, names: list[str], numbers: _Num
 
 def _header(benchmark: Benchmark, source: str) -> list[str]:
     meta = benchmark.meta
-    return [
-        "# Phenotyper benchmark",
-        "",
+    lines = [f"**{SYNTHETIC_BANNER}**", ""] if _synthetic(benchmark) else []
+    lines += ["# Phenotyper benchmark", ""]
+    if meta.get("warning"):
+        lines += [f"> **Warning.** {meta['warning']}", ""]
+    lines += [
         f"Cohort: `{source}`. Reference standard: the `{meta['label']}` column; "
         f"{meta['n_patients']:,} patients judged, {meta['n_left_out']:,} left out for lack of a "
         f"reference label. Every phenotyper is judged on the same patients, and differences are "
         f"taken from `{meta['reference']}`. Intervals are {meta['confidence']:.0%} percentile "
         f"intervals from {meta['n_boot']:,} bootstrap resamples by patient (all of a patient's "
-        f"rows move together; a difference uses the same resamples for both phenotypers). "
+        f"rows move together, a row without a patient id counts as a patient of its own; a "
+        f"difference uses the same resamples for both phenotypers). An interval is n/a when "
+        f"fewer than {MIN_RESAMPLING_GROUPS} patients can be resampled (in the cohort or the "
+        f"subgroup), or when the metric is undefined in more than {MAX_UNDEFINED_SHARE:.0%} of "
+        f"the resamples (e.g. a phenotype with very few patients). "
         f"Seed {meta['seed']}; phenotyper {phenotyper.__version__}.",
         "",
-        f"> **Note.** {SYNTHETIC_NOTE}",
-        "",
     ]
+    if not _synthetic(benchmark):
+        lines += [f"> **Note.** {SYNTHETIC_NOTE}", ""]
+    return lines
 
 
 def _headline(names: list[str], numbers: _Numbers) -> list[str]:
@@ -244,8 +271,12 @@ def _headline(names: list[str], numbers: _Numbers) -> list[str]:
     return [
         "## Headline",
         "",
-        "Percentages are shares of patients; an `indeterminate` answer (a needed marker is "
-        "missing) counts as wrong.",
+        "Percentages are shares of patients. An `indeterminate` answer (a needed marker is "
+        "missing) is never right: it counts as wrong in accuracy, balanced accuracy and macro "
+        "F1. It is no false positive either: see the per-phenotype section for specificity and "
+        "NPV, and the treatment section for what it means for treatment. Balanced accuracy, "
+        "macro F1 and macro AUROC average over the phenotypes present in the reference labels "
+        "(the same phenotypes for every phenotyper).",
         "",
         *_table(["metric", *names], rows),
         "n/a: not computed. Probability metrics (log loss, Brier score, calibration) are not "
@@ -278,8 +309,12 @@ def _differences(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> l
 def _per_phenotype(names: list[str], numbers: _Numbers) -> list[str]:
     lines = ["## Per phenotype", "",
              "One phenotype against the rest. Sensitivity: share of the phenotype's patients "
-             "called it; PPV: share of the calls that are right. n/a: undefined (e.g. the PPV "
-             "of a phenotype the phenotyper never calls).", ""]
+             "called it; PPV: share of the calls that are right. Specificity and NPV read "
+             "\"negative\" as \"not called this phenotype\": an `indeterminate` answer is "
+             "not a false positive, so it counts as a true negative for each phenotype the "
+             "patient does not have (specificity), while for the phenotype the patient has it "
+             "is a miss (lower sensitivity and NPV). n/a: undefined (e.g. the PPV of a "
+             "phenotype the phenotyper never calls).", ""]
     for phenotype in PHENOTYPES:
         rows = [[label, *(format_estimate(f"{stem}_{phenotype}",
                                 *numbers.get((name, f"{stem}_{phenotype}", "all"), _MISSING))
@@ -293,7 +328,11 @@ def _treatment(benchmark: Benchmark, names: list[str]) -> list[str]:
     lines = ["## Treatment", "",
              "What each phenotyper's answer would give (MALS: anakinra; immunoparalysis: "
              "interferon-gamma; unclassified or indeterminate: none) against what the "
-             "reference phenotype needs. Patients; rows = needed, columns = given.", ""]
+             "reference phenotype needs. Patients; rows = needed, columns = given. An "
+             "`indeterminate` answer gives no immunotherapy, as in ImmunoSep, which did not "
+             "randomise patients it could not type: for an unclassified patient that counts "
+             "as treatment agreement (no immunotherapy is what the patient needs), for a MALS "
+             "or immunoparalysed patient as missed immunotherapy.", ""]
     for name in names:
         table = benchmark.treatment[name]
         rows = [[needed, *(int(count) for count in counts)] for needed, counts in
@@ -396,7 +435,8 @@ def _subgroups(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> lis
             groups.setdefault(subgroup.partition("=")[0], []).append(subgroup)
     lines = ["## Subgroups", "",
              "Accuracy (share of patients phenotyped right, indeterminate counted as wrong) in "
-             "each subgroup; n = patients in the subgroup. Small subgroups have wide intervals.",
+             "each subgroup; n = patients in the subgroup. Small subgroups have wide intervals, "
+             f"and below {MIN_RESAMPLING_GROUPS} patients none (n/a).",
              ""]
     for kind, subgroups in groups.items():
         rows = [[subgroup.partition("=")[2],
@@ -450,7 +490,7 @@ def _grid(count: int, columns: int, width: float, height: float) -> tuple[Figure
     return figure, axes[:count]
 
 
-def _confusion_figure(benchmark: Benchmark, names: list[str]) -> Figure:
+def _confusion_figure(benchmark: Benchmark, names: list[str], suffix: str = "") -> Figure:
     """One confusion matrix per phenotyper, coloured by row share, annotated with counts."""
     figure, axes = _grid(len(names), 3, 4.6, 3.6)
     for ax, name in zip(axes, names, strict=True):
@@ -470,11 +510,12 @@ def _confusion_figure(benchmark: Benchmark, names: list[str]) -> Figure:
         ax.set(title=name, xlabel="predicted label", ylabel="reference phenotype")
     figure.colorbar(display.im_, ax=list(axes), label="share of the reference phenotype's patients",
                     shrink=0.8)
-    figure.suptitle("Reference phenotype x predicted label (patients, row %)")
+    figure.suptitle(f"Reference phenotype x predicted label (patients, row %){suffix}")
     return figure
 
 
-def _reliability_figure(benchmark: Benchmark, names: list[str]) -> Figure | None:
+def _reliability_figure(benchmark: Benchmark, names: list[str], suffix: str = ""
+                        ) -> Figure | None:
     """Reliability curves, one panel per phenotype; None when no phenotyper gives probabilities."""
     curves = benchmark.reliability
     if curves.empty:
@@ -493,11 +534,12 @@ def _reliability_figure(benchmark: Benchmark, names: list[str]) -> Figure | None
                ylabel=f"observed share with {phenotype}")
         ax.grid(alpha=0.3)
     axes[0].legend(loc="upper left", fontsize="small")
-    figure.suptitle("Reliability: predicted probability vs observed share (quantile bins)")
+    figure.suptitle("Reliability: predicted probability vs observed share (quantile bins)"
+                    + suffix)
     return figure
 
 
-def _decision_figure(benchmark: Benchmark, names: list[str]) -> Figure:
+def _decision_figure(benchmark: Benchmark, names: list[str], suffix: str = "") -> Figure:
     """Decision curves, one panel per treatment, with treat-all and treat-none."""
     curves = benchmark.decision_curves
     # Rules often coincide (same people treated): earlier lines drawn wider show beneath.
@@ -519,11 +561,13 @@ def _decision_figure(benchmark: Benchmark, names: list[str]) -> Figure:
         ax.grid(alpha=0.3)
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper",
                   fontsize="small")
-    figure.suptitle("Decision curves: net benefit of treating on each phenotyper's answer")
+    figure.suptitle(f"Decision curves: net benefit of treating on each phenotyper's answer"
+                    f"{suffix}")
     return figure
 
 
-def _flip_figure(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> Figure | None:
+def _flip_figure(benchmark: Benchmark, names: list[str], numbers: _Numbers, suffix: str = ""
+                 ) -> Figure | None:
     """Flip rates per phenotyper and scenario, all patients and near a cut-off, with intervals."""
     scenarios = _scenarios(benchmark, numbers)
     if not scenarios:
@@ -538,7 +582,7 @@ def _flip_figure(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> F
             value, low, high = (100 * np.array(column) for column in zip(
                 *(numbers.get((name, f"{stem}{scenario}", "all"), _MISSING) for name in names),
                 strict=True))
-            error = np.clip([value - low, high - value], 0, None)
+            error = np.nan_to_num(np.clip([value - low, high - value], 0, None))  # n/a: none
             ax.bar(x + (i - (len(scenarios) - 1) / 2) * width, value, width, yerr=error,
                    capsize=3, label=scenario.replace("_", " "))
         ax.set_xticks(x, names, rotation=30, ha="right")
@@ -546,7 +590,7 @@ def _flip_figure(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> F
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(title="re-measured", fontsize="small")
     figure.suptitle("Phenotype flips when the same patients are measured again "
-                    f"({benchmark.meta['confidence']:.0%} CI)")
+                    f"({benchmark.meta['confidence']:.0%} CI){suffix}")
     return figure
 
 
@@ -570,7 +614,7 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
     selected, reference = result.selected, result.benchmark.meta["reference"]
     numbers = {(r.phenotyper, r.metric, r.subgroup): (r.value, r.ci_low, r.ci_high)
                for r in records.itertuples()}
-    synthetic = spec.preset is not None
+    synthetic = bool(result.benchmark.meta.get("synthetic"))
     candidate = result.candidates[selected]
     lines = [
         f"# Model card: {spec.registered_model}, version {version}",
@@ -595,9 +639,9 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
         "",
         "## Data",
         "",
-        ("**Synthetic.** Training and test patients were drawn from the simulator preset "
-         f"`{spec.preset}` ({result.cohort_source}); the numbers below check the software and "
-         "are not clinical evidence." if synthetic else
+        ("**Synthetic.** Training and test patients were drawn from the simulator "
+         f"({result.cohort_source}); the numbers below check the software and are not "
+         "clinical evidence." if synthetic else
          f"The user's cohort `{result.cohort_source}`; the reference phenotype is the "
          f"`{spec.label}` column, and the model is only as good as that label."),
         "",

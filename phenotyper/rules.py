@@ -23,8 +23,9 @@ PHENOTYPES: tuple[str, ...] = (MALS, IMMUNOPARALYSIS, UNCLASSIFIED)
 
 FERRITIN_MALS_NG_ML = 4420.0
 HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL = 5000.0
-# HLA-DR <= 8000 is moderate immunoparalysis (Joshi 2023) and > 8000 the ImmunoSep reversal
-# criterion: the looser cut-off users compare against.
+# HLA-DR of about 8000 separates moderate immunoparalysis (Joshi 2023) and is the ImmunoSep
+# reversal criterion (> 8000): the looser cut-off users compare against. The variant keeps the
+# rule's strict comparison (HLA-DR < 8000); exactly 8000 is a measure-zero case for real counts.
 HLA_DR_MODERATE_MAB_PER_CELL = 8000.0
 
 

@@ -36,6 +36,7 @@ SOFA_REFERENCE, AGE_REFERENCE_YEARS = 9.0, 70.0
 TRUTH_COLUMN = "phenotype_true"
 RULE_COLUMN = "phenotype_rule"
 DEATH_COLUMN = "death_28d"
+SYNTHETIC_COLUMN = "synthetic"  # True on every simulated row: results on it are not evidence
 
 
 class PresetError(ValueError):
@@ -201,6 +202,7 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
             RULE_COLUMN: immunosep_phenotype(
                 columns["ferritin_ng_ml"], columns["hla_dr_mab_per_cell"]),
             DEATH_COLUMN: death.astype(np.int8),
+            SYNTHETIC_COLUMN: np.ones(n, dtype=bool),
         }
     )
     return _Draw(frame, phenotype_code, log_odds_rest)
@@ -215,6 +217,13 @@ def simulate(preset: str | Preset, n: int, seed: int) -> pd.DataFrame:
     prevalence = _per_phenotype(law["population"]["prevalence"])
     phenotype_code = rng.choice(len(PHENOTYPES), size=n, p=prevalence / prevalence.sum())
     return _draw(law, phenotype_code, rng).frame
+
+
+def is_synthetic(frame: pd.DataFrame) -> bool:
+    """Whether a cohort is marked as simulated (every row's `synthetic` column true)."""
+    if SYNTHETIC_COLUMN not in frame or frame.empty:
+        return False
+    return bool(frame[SYNTHETIC_COLUMN].astype("string").str.lower().isin(["true", "1"]).all())
 
 
 def rule_shares(frame: pd.DataFrame) -> dict[str, float]:

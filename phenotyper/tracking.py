@@ -157,8 +157,18 @@ def log_result(result: TrainingResult) -> str:
         serialization_format="skops", skops_trusted_types=_trusted_types(selected),
         signature=infer_signature(X, selected.predict_proba(X)),
         input_example=X.head(3), pyfunc_predict_fn="predict_proba",
+        pip_requirements=_requirements(),
     )
     return str(info.registered_model_version)  # MLflow answers int or str by store
+
+
+def _requirements() -> list[str]:
+    """The model's Python requirements, pinned to what trained it (MLflow's own inference
+    imports the model in a subprocess: slow, and it cannot see phenotyper's own code)."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in
+            ("scikit-learn", "xgboost", "skops", "numpy", "pandas", "scipy")]
 
 
 _TRUSTED_MODULES = ("phenotyper.", "numpy.", "sklearn.", "xgboost.", "scipy.", "builtins.")

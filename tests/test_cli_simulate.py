@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from phenotyper.cli import app
 from phenotyper.cohort import CohortError, read_cohort, write_table
-from phenotyper.simulate import simulate
+from phenotyper.simulate import SYNTHETIC_COLUMN, is_synthetic, simulate
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -33,7 +33,8 @@ def test_simulated_file_reads_back_as_the_same_cohort_with_no_issues(
     expected = simulate("provide", 2000, seed=4)
     cohort = read_cohort(output)
     assert cohort.issues.empty
-    for column in expected.columns:
+    assert is_synthetic(cohort.data)  # the mark survives the file format
+    for column in expected.columns.drop(SYNTHETIC_COLUMN):
         left, right = cohort.data[column], expected[column]
         if pd.api.types.is_numeric_dtype(right):
             pd.testing.assert_series_equal(left.astype(float), right.astype(float),

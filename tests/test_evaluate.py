@@ -21,14 +21,16 @@ from sklearn.metrics import (
 )
 
 from phenotyper.evaluate import (
+    MIN_RESAMPLING_GROUPS,
     EvaluationError,
     Predictions,
     _Scorer,
     benchmark,
     bootstrap_weights,
+    reference_labels,
     treatment_table,
 )
-from phenotyper.rules import INDETERMINATE, PHENOTYPES, reference_rules
+from phenotyper.rules import INDETERMINATE, PHENOTYPES, UNCLASSIFIED, reference_rules
 from phenotyper.simulate import simulate
 
 LABELS = np.array([*PHENOTYPES, INDETERMINATE], dtype=object)
@@ -355,3 +357,223 @@ def test_bad_labels_are_named_with_their_rows() -> None:
         benchmark(rules, cohort, "phenotype_true", n_boot=10)
     with pytest.raises(EvaluationError, match="reference phenotyper 'immunosep'"):
         benchmark({"other": rules["immunosep"]}, cohort, "phenotype_true", n_boot=10)
+
+
+# --- review fixes: resampling groups, undefined resamples, tiny cohorts --------------------------
+
+
+def _record(records: pd.DataFrame, phenotyper: str, metric: str, subgroup: str = "all"
+            ) -> tuple[float, float, float]:
+    row = records[(records.phenotyper == phenotyper) & (records.metric == metric)
+                  & (records.subgroup == subgroup)]
+    assert len(row) == 1, (phenotyper, metric, subgroup)
+    return tuple(float(v) for v in row[["value", "ci_low", "ci_high"]].iloc[0])
+
+
+def _two_column_case(n: int, seed: int, truth: np.ndarray | None = None
+                     ) -> tuple[dict, pd.DataFrame]:
+    """A reference (labels `a`) and a second phenotyper (`b`) on n patients."""
+    case_truth, proba, labels = _random_case(n, seed)
+    truth = case_truth if truth is None else truth
+    other = labels.copy()
+    other[:: 4] = np.asarray(PHENOTYPES, object)[truth[:: 4]]
+    frame = _frame(truth, {"a": (labels, proba), "b": (other, proba[:, ::-1])})
+    phenotypers = {"immunosep": ColumnPhenotyper("a", probabilistic=False).fit(frame),
+                   "other": ColumnPhenotyper("b", probabilistic=False).fit(frame)}
+    return phenotypers, frame
+
+
+def test_rows_without_a_patient_id_are_each_their_own_group() -> None:
+    groups = np.array([np.nan] * 5 + ["a", "a", None, ""], dtype=object)
+    rows_differ = False
+    for block in bootstrap_weights(groups, 100, seed=1):
+        for row in block:
+            assert row[5] == row[6]  # the two rows of patient "a" move together
+            assert row[[0, 1, 2, 3, 4, 5, 7, 8]].sum() == 8  # 8 groups: 7 without id, "a"
+            rows_differ |= len(set(row[:5])) > 1
+    assert rows_differ
+
+
+def test_a_cohort_without_patient_ids_still_gets_intervals() -> None:
+    """read_cohort makes an all-NaN patient_id when the file has none: not one big patient."""
+    phenotypers, frame = _two_column_case(300, seed=8)
+    frame["patient_id"] = np.nan
+    result = benchmark(phenotypers, frame, "label", n_boot=200, noise_repeats=0)
+    value, low, high = _record(result.records, "immunosep", "accuracy")
+    assert low < value < high and high - low > 0.05  # ~ +-2 SE of a share near 0.7 in 300
+    assert result.meta["n_resampling_groups"] == 300
+    _, low, high = _record(result.records, "other", "accuracy_minus_immunosep")
+    assert low < high
+
+
+def test_interval_is_not_given_when_the_metric_is_often_undefined() -> None:
+    """One immunoparalysed patient in 40: its AUROC is undefined in ~1/3 of resamples; the
+    defined two thirds would give a biased interval."""
+    truth = np.array([0, 2] * 20)
+    truth[7] = 1
+    phenotypers, frame = _two_column_case(40, seed=9, truth=truth)
+    result = benchmark(phenotypers, frame, "label", n_boot=300, noise_repeats=0)
+    value, low, high = _record(result.records, "immunosep", "auroc_immunoparalysis")
+    assert np.isfinite(value) and np.isnan(low) and np.isnan(high)
+    _, low, high = _record(result.records, "other", "auroc_immunoparalysis_minus_immunosep")
+    assert np.isnan(low) and np.isnan(high)
+    value, low, high = _record(result.records, "immunosep", "accuracy")  # always defined
+    assert low <= value <= high
+
+
+@pytest.mark.parametrize("n", [1, MIN_RESAMPLING_GROUPS - 1])
+def test_too_few_patients_give_no_intervals_and_a_warning(n: int) -> None:
+    phenotypers, frame = _two_column_case(n, seed=10)
+    result = benchmark(phenotypers, frame, "label", n_boot=100, noise_repeats=0)
+    assert result.records[["ci_low", "ci_high"]].isna().all().all()
+    assert isinstance(result.meta["warning"], str)
+    assert f"Only {n} patient" in result.meta["warning"]
+
+
+def test_enough_patients_give_no_warning_and_small_subgroups_no_interval() -> None:
+    phenotypers, frame = _two_column_case(200, seed=11)
+    frame["site_id"] = np.where(np.arange(200) < MIN_RESAMPLING_GROUPS - 1, "small", "large")
+    result = benchmark(phenotypers, frame, "label", n_boot=100, noise_repeats=0)
+    _, low, high = _record(result.records, "immunosep", "accuracy", "site=small")
+    assert np.isnan(low) and np.isnan(high)
+    assert result.meta["warning"] is None
+    _, low, high = _record(result.records, "immunosep", "accuracy", "site=large")
+    assert low < high
+
+
+# --- macro averages over the phenotypes in the reference ------------------------------------
+
+
+def test_macro_averages_run_over_the_phenotypes_present_in_the_reference() -> None:
+    """No immunoparalysed patient: a phenotyper that calls some is not averaged over a third
+    class (F1 0) while one that never calls it is averaged over two."""
+    rng = np.random.default_rng(12)
+    truth = rng.choice([0, 2], 400)
+    _, proba, _ = _random_case(400, seed=12)
+    labels = np.asarray(PHENOTYPES, object)[truth].copy()
+    wrong = rng.random(400) < 0.2
+    labels[wrong] = "immunoparalysis"
+    frame = _frame(truth, {"a": (labels, proba)})
+    result = benchmark({"immunosep": ColumnPhenotyper("a").fit(frame)}, frame, "label",
+                       n_boot=50, noise_repeats=0)
+    y = np.asarray(PHENOTYPES, dtype=object)[truth]
+    present = ["MALS", "unclassified"]
+    assert _value(result.records, "immunosep", "macro_f1") == pytest.approx(
+        f1_score(y, labels, labels=present, average="macro"))
+    assert _value(result.records, "immunosep", "balanced_accuracy") == pytest.approx(
+        np.mean(recall_score(y, labels, labels=present, average=None)))
+    expected = np.mean([roc_auc_score(truth == k, proba[:, k]) for k in (0, 2)])
+    assert _value(result.records, "immunosep", "auroc_macro") == pytest.approx(expected)
+    _, low, high = _record(result.records, "immunosep", "auroc_macro")
+    assert low < high
+
+
+def test_a_resample_without_a_present_phenotype_leaves_the_macro_average_undefined() -> None:
+    truth = np.array([0, 0, 1, 1, 2, 2])
+    labels = np.array(["MALS", "unclassified", "immunoparalysis", "immunoparalysis",
+                       "unclassified", "MALS"], dtype=object)
+    scorer = _Scorer(truth, Predictions(labels, np.full((6, 3), 1 / 3), False))
+    weights = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 2, 1, 1, 2]], dtype=float)
+    metrics = scorer.label_metrics(weights)
+    assert metrics["balanced_accuracy"][0] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    # no MALS patient drawn: the mean over the other two would be a different metric
+    assert np.isnan(metrics["balanced_accuracy"][1])
+    # F1 of MALS is still defined (2 false calls): 0; immunoparalysis 1; unclassified 1/2
+    assert metrics["macro_f1"][1] == pytest.approx((0 + 1 + 1 / 2) / 3)
+
+
+# --- what an abstention counts as --------------------------------------------------------------
+
+
+def test_an_abstention_is_no_false_positive_and_gives_no_immunotherapy() -> None:
+    """The definitions the report states: for specificity and NPV, `indeterminate` is "not
+    called"; for treatment it is no immunotherapy, which is right for an unclassified patient."""
+    truth = np.array([0, 1, 2, 2])
+    labels = np.array(["MALS", "immunoparalysis", "indeterminate", "unclassified"], dtype=object)
+    metrics = _Scorer(truth, Predictions(labels, np.full((4, 3), 1 / 3), False)).metrics(
+        np.ones((1, 4)))
+    assert metrics["specificity_MALS"][0] == 1.0  # the abstention is a true negative for MALS
+    assert metrics["sensitivity_unclassified"][0] == 0.5  # and a miss for unclassified
+    assert metrics["npv_unclassified"][0] == pytest.approx(2 / 3)
+    assert metrics["accuracy"][0] == pytest.approx(3 / 4)
+    assert metrics["treatment_agreement"][0] == 1.0  # indeterminate -> none, as needed
+
+
+# --- calibration that fails honestly -------------------------------------------------------------
+
+
+def _scorer_with(truth: np.ndarray, proba: np.ndarray) -> _Scorer:
+    labels = np.asarray(PHENOTYPES, object)[proba.argmax(axis=1)]
+    return _Scorer(truth, Predictions(labels, proba, True))
+
+
+def test_constant_predictions_have_no_calibration_slope() -> None:
+    truth = np.array([0, 1, 2, 0, 0, 1, 2, 2, 1, 0])
+    scorer = _scorer_with(truth, np.full((10, 3), 1 / 3))
+    intercept, slope = scorer.calibration(np.ones((1, 10)), 0)
+    assert np.isnan(slope[0])
+    # calibration-in-the-large is still defined: logit(4/10) - logit(1/3)
+    assert intercept[0] == pytest.approx(np.log(4 / 6) - np.log(1 / 2))
+    # a resample that draws only patients with the same prediction: no slope either
+    proba = np.random.default_rng(13).dirichlet([1, 1, 1], 10)
+    proba[:4] = proba[0]
+    weights = np.zeros((1, 10))
+    weights[0, :4] = 1
+    assert np.isnan(_scorer_with(truth, proba).calibration(weights, 0)[1][0])
+
+
+def test_separated_outcomes_have_no_calibration_slope() -> None:
+    p = np.random.default_rng(0).uniform(0.05, 0.95, 30)
+    truth = np.where(p > 0.5, 0, 2)
+    scorer = _scorer_with(truth, np.column_stack([p, np.zeros(30), 1 - p]))
+    intercept, slope = scorer.calibration(np.ones((1, 30)), 0)
+    assert np.isnan(slope[0])  # the maximum likelihood slope is infinite
+    assert np.isfinite(intercept[0])  # both outcomes occur: the offset model has an answer
+
+
+def test_calibration_converges_from_a_poor_start_and_is_nan_without_both_outcomes() -> None:
+    rng = np.random.default_rng(1)
+    proba = rng.dirichlet([1, 1, 1], 500)
+    truth = np.array([rng.choice(3, p=row) for row in proba])
+    scorer = _scorer_with(truth, proba)
+    ones = np.ones((1, 500))
+    expected = scorer.calibration(ones, 0)
+    x = np.log(proba[:, 0] / (1 - proba[:, 0]))
+    fit = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(x[:, None], truth == 0)
+    assert expected[1][0] == pytest.approx(fit.coef_[0, 0], abs=1e-4)
+    scorer.calibration_start[0] = np.array([25.0, 0.0, 8.0])  # far off: plain Newton diverges
+    intercept, slope = scorer.calibration(ones, 0)
+    assert intercept[0] == pytest.approx(expected[0][0], abs=1e-6)
+    assert slope[0] == pytest.approx(expected[1][0], abs=1e-6)
+    weights = ones.copy()
+    weights[0, truth == 0] = 0  # no patient of the phenotype drawn
+    assert np.isnan(scorer.calibration(weights, 0)).all()
+
+
+# --- synthetic flag and reference labels -----------------------------------------------------
+
+
+def test_benchmark_records_whether_the_cohort_is_synthetic() -> None:
+    phenotypers, frame = _two_column_case(30, seed=14)
+    assert benchmark(phenotypers, frame, "label", n_boot=10, noise_repeats=0
+                     ).meta["synthetic"] is False
+    assert benchmark(phenotypers, frame, "label", n_boot=10, noise_repeats=0, synthetic=True
+                     ).meta["synthetic"] is True
+
+
+def test_reference_labels_match_in_any_case_and_read_intermediate_as_unclassified() -> None:
+    frame = pd.DataFrame({"label": ["IMMUNOPARALYSIS", "mals", " Intermediate ", "Unclassified",
+                                    "INDETERMINATE", None, ""]})
+    codes, known = reference_labels(frame, "label")
+    np.testing.assert_array_equal(known, [True, True, True, True, False, False, False])
+    assert [PHENOTYPES[c] for c in codes[known]] == ["immunoparalysis", "MALS", UNCLASSIFIED,
+                                                      UNCLASSIFIED]
+
+
+def test_a_bad_reference_label_lists_the_accepted_values() -> None:
+    frame = pd.DataFrame({"label": ["MALS", "sepsis"]})
+    with pytest.raises(EvaluationError, match=r"row 2: 'sepsis'") as error:
+        reference_labels(frame, "label")
+    for word in ("'mals'", "'immunoparalysis'", "'unclassified'", "'intermediate'",
+                 "'indeterminate'"):
+        assert word in str(error.value)

@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 import phenotyper
+from phenotyper import report
 from phenotyper.evaluate import Benchmark, benchmark
 from phenotyper.panel import NUMERIC_MARKERS
 from phenotyper.report import write_benchmark
@@ -28,6 +29,8 @@ FIGURES = ("confusion_matrices.png", "reliability.png", "decision_curves.png", "
 SYNTHETIC_NOTE = ("If the cohort is synthetic (e.g. from `phenotyper simulate`), these numbers "
                   "check the software; they are not clinical evidence.")
 SOURCE = "simulated immunosep-screening, n=2000, seed 3"
+BANNER = ("**SYNTHETIC DATA: these numbers check the software; they are not clinical "
+          "evidence.**")
 
 
 def _logistic(train: pd.DataFrame) -> object:
@@ -168,3 +171,70 @@ def test_a_failure_while_rendering_leaves_the_previous_report_untouched(
         write_benchmark(broken, tmp_path, "another source")
     assert {path: path.read_bytes() for path in paths} == before
     assert sorted(tmp_path.iterdir()) == sorted(paths)
+
+
+def _section(markdown: str, title: str) -> str:
+    """The text of one `## title` section."""
+    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _written_figures(result: Benchmark, folder: Path, monkeypatch: pytest.MonkeyPatch
+                     ) -> tuple[str, list]:
+    """Write the report, keeping the figures (not their PNGs) to read their titles."""
+    figures: list = []
+    monkeypatch.setattr(report, "_png", lambda figure: figures.append(figure) or b"png")
+    write_benchmark(result, folder, SOURCE)
+    return (folder / "benchmark.md").read_text(), figures
+
+
+def test_a_synthetic_benchmark_says_so_first_in_every_file(
+        benchmarks: dict[str, Benchmark], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = benchmarks["with_model"]
+    synthetic = dataclasses.replace(result, meta={**result.meta, "synthetic": True})
+    markdown, figures = _written_figures(synthetic, tmp_path, monkeypatch)
+    assert markdown.startswith(BANNER + "\n")
+    assert SYNTHETIC_NOTE not in markdown  # the banner replaces the conditional note
+    assert json.loads((tmp_path / "benchmark.json").read_text())["meta"]["synthetic"] is True
+    assert len(figures) == len(FIGURES)
+    for figure in figures:
+        assert figure.get_suptitle().endswith(" (synthetic data)"), figure.get_suptitle()
+
+
+def test_a_benchmark_not_known_to_be_synthetic_keeps_the_conditional_note(
+        benchmarks: dict[str, Benchmark], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = benchmarks["with_model"]
+    assert result.meta["synthetic"] is False
+    markdown, figures = _written_figures(result, tmp_path, monkeypatch)
+    assert markdown.startswith("# Phenotyper benchmark")
+    assert SYNTHETIC_NOTE in markdown and "SYNTHETIC DATA" not in markdown
+    assert json.loads((tmp_path / "benchmark.json").read_text())["meta"]["synthetic"] is False
+    assert not any(figure.get_suptitle().endswith("(synthetic data)") for figure in figures)
+
+
+def test_a_tiny_cohort_is_flagged_and_no_difference_is_starred(tmp_path: Path) -> None:
+    cohort = simulate("immunosep-screening", 3, seed=3)
+    rules = {name: rule.fit(cohort) for name, rule in reference_rules().items()}
+    result = benchmark(rules, cohort, TRUTH_COLUMN, n_boot=50, noise_repeats=2, synthetic=True)
+    write_benchmark(result, tmp_path, SOURCE)
+    markdown = (tmp_path / "benchmark.md").read_text()
+    head = markdown.split("## Headline", 1)[0]
+    assert f"> **Warning.** {result.meta['warning']}" in head
+    assert "Only 3 patients" in head
+    differences = _section(markdown, "Differences from `immunosep`")
+    assert not re.search(r"\) \*", differences)  # no interval, so no star
+    assert " (" not in _section(markdown, "Headline").split("| accuracy |", 1)[1].split("\n")[0]
+    document = json.loads((tmp_path / "benchmark.json").read_text())
+    assert document["meta"]["warning"] == result.meta["warning"]
+
+
+def test_the_report_says_what_an_indeterminate_answer_counts_as(written) -> None:
+    markdown = (written[1] / "benchmark.md").read_text()
+    per_phenotype = " ".join(_section(markdown, "Per phenotype").split())
+    assert "not a false positive" in per_phenotype
+    assert "true negative" in per_phenotype
+    treatment = " ".join(_section(markdown, "Treatment").split())
+    assert "for an unclassified patient that counts as treatment agreement" in treatment
+    assert "missed immunotherapy" in treatment
+    headline = " ".join(_section(markdown, "Headline").split())
+    assert "counts as wrong." not in headline  # not wrong for every metric: say which
+    assert "accuracy, balanced accuracy and macro F1" in headline

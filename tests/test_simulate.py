@@ -13,11 +13,13 @@ from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, U
 from phenotyper.simulate import (
     DEATH_COLUMN,
     RULE_COLUMN,
+    SYNTHETIC_COLUMN,
     TRUTH_COLUMN,
     PresetError,
     _split_parameters,
     available_presets,
     calibrate,
+    is_synthetic,
     load_preset,
     mortality_by_rule,
     rule_shares,
@@ -45,8 +47,10 @@ def test_same_seed_same_cohort_and_new_seed_new_cohort() -> None:
 
 
 def test_columns_are_the_panel_plus_ids_truth_rule_and_outcome(screening: pd.DataFrame) -> None:
-    expected = {PATIENT_ID, SITE_ID, *PANEL, TRUTH_COLUMN, RULE_COLUMN, DEATH_COLUMN}
+    expected = {PATIENT_ID, SITE_ID, *PANEL, TRUTH_COLUMN, RULE_COLUMN, DEATH_COLUMN,
+                SYNTHETIC_COLUMN}
     assert set(screening.columns) == expected
+    assert is_synthetic(screening)
     assert screening[PATIENT_ID].is_unique
     assert set(screening[TRUTH_COLUMN]) == set(PHENOTYPES)
     assert set(screening["sex"]) == {"F", "M"}
