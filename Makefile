@@ -40,3 +40,4 @@ bench: setup
 	$(BIN)/python benchmarks/simulate_speed.py
 	$(BIN)/python benchmarks/calibration_table.py
 	$(BIN)/python benchmarks/benchmark_speed.py
+	$(BIN)/python benchmarks/train_speed.py
