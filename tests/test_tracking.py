@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -18,7 +19,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from phenotyper.cli import app
+from phenotyper.cohort import write_table
 from phenotyper.experiment import ExperimentError, ExperimentSpec, train
+from phenotyper.simulate import simulate
 from phenotyper.tracking import content_sha256
 
 SMALL = {"logistic": {"C": [1.0]}, "xgboost": {"max_depth": [2], "n_estimators": [60]}}
@@ -176,3 +179,32 @@ def test_training_against_a_live_tracking_server(
     assert "model_card.md" in artifacts
     model = mlflow.sklearn.load_model(f"models:/pheno/{outcome.version}")
     assert model.predict_proba(outcome.result.test.head(5)).shape == (5, 3)
+
+
+def test_train_command_runs_an_experiment_file_and_benchmark_judges_the_champion(
+    sqlite_store: str, tmp_path: Path
+) -> None:
+    experiment = tmp_path / "small.toml"
+    experiment.write_text(
+        'name = "small"\nregistered_model = "pheno"\nlabel = "phenotype_true"\n'
+        '[cohort]\npreset = "provide"\nn = 1200\nseed = 4\n'
+        '[candidates.logistic]\nC = [1.0]\n'
+        '[benchmark]\nbootstrap = 50\nnoise_repeats = 2\n')
+    result = runner.invoke(app, ["train", str(experiment)])
+    assert result.exit_code == 0, result.output
+    assert "Registered pheno version 1" in result.stdout
+    assert "SYNTHETIC DATA" in result.stdout
+
+    cohort = tmp_path / "held_out.parquet"
+    write_table(simulate("provide", 400, seed=8), cohort)
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["benchmark", "--cohort", str(cohort), "--label",
+                                 "phenotype_true", "--output", str(out), "--bootstrap", "30",
+                                 "--noise-repeats", "0", "--model", "models:/pheno@champion"])
+    assert result.exit_code == 0, result.output
+    names = {r["phenotyper"] for r in json.loads((out / "benchmark.json").read_text())["records"]}
+    assert "models:/pheno@champion" in names
+
+    result = runner.invoke(app, ["model-card", "pheno", "--output", str(tmp_path / "card.md")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "card.md").read_text().startswith("# Model card: pheno, version 1")
