@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, cross_val_predict
 
 from phenotyper.cohort import read_cohort
 from phenotyper.evaluate import Benchmark, benchmark, calibration_by_phenotype
-from phenotyper.models import CANDIDATES, build_candidate
+from phenotyper.models import CANDIDATES, LogitRecalibrated, build_candidate
 from phenotyper.panel import PANEL, PATIENT_ID, SITE_ID
 from phenotyper.rules import PHENOTYPES, reference_rules
 from phenotyper.simulate import is_synthetic, simulate
@@ -45,7 +44,7 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "xgboost": {"max_depth": [3], "n_estimators": [300], "learning_rate": [0.05]},
 }
 # Out-of-fold calibration within this of intercept 0 / slope 1 for every phenotype is kept as is;
-# beyond it the candidate is wrapped in temperature scaling, fitted on the same grouped folds.
+# beyond it the candidate's logits are recalibrated (models.LogitRecalibrated) on the same folds.
 CALIBRATION_TOLERANCE = 0.15
 
 _TOP_KEYS = {"name", "description", "registered_model", "label", "cohort", "features", "split",
@@ -308,8 +307,7 @@ def tune(spec: ExperimentSpec, kind: str, train: pd.DataFrame, y: np.ndarray,
     calibration = calibration_by_phenotype(codes, out_of_fold)
     off = any(abs(intercept) > CALIBRATION_TOLERANCE or abs(slope - 1) > CALIBRATION_TOLERANCE
               for intercept, slope in calibration.values())
-    estimator = (CalibratedClassifierCV(clone(base), method="temperature", cv=folds)
-                 if off else base)
+    estimator = LogitRecalibrated(clone(base), cv=folds) if off else base
     estimator.fit(train, y)
     return CandidateResult(kind, estimator, best_params, float(table.loc[best, "cv_mean"]),
                            table, calibration, off)

@@ -8,20 +8,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import shap
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.pipeline import Pipeline
 
-from phenotyper.models import WeightedXGBClassifier
+from phenotyper.models import LogitRecalibrated, WeightedXGBClassifier
 from phenotyper.rules import PHENOTYPES
 
 SUMMARY_ROWS = 2000
 
 
 def _pipeline(model: Any) -> Pipeline:
-    """The fitted candidate pipeline inside an optional temperature-scaling wrapper."""
-    if isinstance(model, CalibratedClassifierCV):
-        return model.calibrated_classifiers_[0].estimator
-    return model
+    """The fitted candidate pipeline inside an optional recalibration wrapper."""
+    return model.base_ if isinstance(model, LogitRecalibrated) else model
 
 
 def shap_values(model: Any, cohort: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -113,7 +113,47 @@ class WeightedXGBClassifier(ClassifierMixin, BaseEstimator):
         corrected = self.booster_.predict_proba(X) / self.class_weight_
         return corrected / corrected.sum(axis=1, keepdims=True)
 
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Log of the prior-corrected probabilities up to a per-row constant (softmax logits)."""
+        margins = self.booster_.predict(X, output_margin=True)
+        return margins - np.log(self.class_weight_)
+
     def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class LogitRecalibrated(ClassifierMixin, BaseEstimator):
+    """A candidate whose softmax logits are re-mapped by a multinomial logistic regression fitted
+    on out-of-fold logits (matrix scaling).
+
+    Unlike temperature scaling it can fix per-class slopes and intercepts (a heavily shrunk
+    model needs both), and it stays linear in the base model's logits, so its explanations
+    remain exact. The base model is refitted on all training patients.
+    """
+
+    def __init__(self, base: Any = None, cv: Any = None) -> None:
+        self.base = base
+        self.cv = cv
+
+    def fit(self, X: pd.DataFrame, y: Sequence[Any]) -> LogitRecalibrated:
+        from sklearn.base import clone
+        from sklearn.model_selection import cross_val_predict
+
+        y = np.asarray(y)
+        logits = cross_val_predict(clone(self.base), X, y, cv=self.cv,
+                                   method="decision_function")
+        self.calibrator_ = LogisticRegression(C=1e6, max_iter=5000).fit(logits, y)
+        self.base_ = clone(self.base).fit(X, y)
+        self.classes_ = self.calibrator_.classes_
+        return self
+
+    def decision_function(self, X: pd.DataFrame) -> np.ndarray:
+        return self.calibrator_.decision_function(self.base_.decision_function(X))
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return self.calibrator_.predict_proba(self.base_.decision_function(X))
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 

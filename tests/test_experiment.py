@@ -168,3 +168,26 @@ def test_default_training_gets_close_to_the_bayes_optimum(tmp_path: Path, preset
     classes = [str(c) for c in model.classes_]
     assert accuracy_score(truth, model.predict(result.test)) >= 0.985 * optimum_accuracy
     assert log_loss(truth, proba, labels=classes) <= optimum_loss + 0.03
+
+
+def test_a_miscalibrated_candidate_is_recalibrated() -> None:
+    """Heavy regularisation shrinks probabilities towards the prior (slope >> 1 out of fold);
+    the run must notice and recalibrate on out-of-fold logits."""
+    spec = ExperimentSpec(name="shrunk", registered_model="m", label="phenotype_true",
+                          preset="provide", n=4000, cohort_seed=5,
+                          candidates={"logistic": {"C": [0.0005]}}, bootstrap=50,
+                          noise_repeats=0)
+    result = fit_and_evaluate(spec)
+    candidate = result.candidates["logistic"]
+    assert candidate.recalibrated
+    assert max(abs(slope - 1) for _, slope in candidate.calibration.values()) > 0.15
+    records = result.benchmark.records
+    own = records[(records.phenotyper == "logistic") & ~records.metric.str.contains("minus")]
+    slopes = own[own.metric.str.startswith("calibration_slope_")].value
+    intercepts = own[own.metric.str.startswith("calibration_intercept_")].value
+    # out of fold the slopes were ~10; held out they must now be near 1 (tolerance: the test
+    # set has 1000 patients, so a slope's or an intercept's standard error is about 0.1)
+    assert len(slopes) == 3 and (abs(slopes - 1) < 0.3).all()
+    assert (abs(intercepts) < 0.3).all()
+    proba = candidate.estimator.predict_proba(result.test)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
