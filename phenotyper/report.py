@@ -658,7 +658,7 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
         f"{candidate.cv_score:.4f}); parameters {candidate.best_params}. Out-of-fold "
         "calibration (intercept, slope) per phenotype: "
         + ", ".join(f"{p} ({i:+.2f}, {s:.2f})" for p, (i, s) in candidate.calibration.items())
-        + ("; outside tolerance, so temperature scaling was fitted on the same folds."
+        + ("; outside tolerance, so its logits were recalibrated on the same folds."
            if candidate.recalibrated else "; within tolerance, used as is."),
         "",
         f"## Held-out performance against the `{reference}` rule",
