@@ -1,0 +1,234 @@
+"""The packaged phenotyper: a fitted candidate as plain data, scored with exact explanations.
+
+`export` turns a fitted candidate (logistic or XGBoost pipeline, optionally recalibrated) into
+files that need no pickle: `phenotyper.json` (features, preprocessing, coefficients, class
+names, calibration map, rule thresholds, panel ranges) and, for trees, the booster in XGBoost's
+own format. `PackagedPhenotyper` reads them back and scores a cohort with numpy and xgboost only.
+
+Every model here is linear in its softmax logits once the features are fixed: the logistic
+model exactly, the trees through XGBoost's exact TreeSHAP contributions, and the recalibration
+map is linear in the base logits. So each patient's logit for each phenotype is exactly
+`base + sum(contributions)`, one contribution per panel feature.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from phenotyper.models import LINEAR_SCALE_MARKERS, LogitRecalibrated, WeightedXGBClassifier
+from phenotyper.panel import PANEL, PATIENT_ID
+from phenotyper.rules import (
+    FERRITIN_MALS_NG_ML,
+    HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+    immunosep_phenotype,
+)
+
+SPEC_FILE, BOOSTER_FILE = "phenotyper.json", "booster.ubj"
+FORMAT_VERSION = 1
+EXPLAIN_MODES = ("predicted", "all", "none")
+OK = "ok"
+_LOG_FLOOR = 1e-3  # as models.PanelFeatures
+
+
+def export(model: Any, folder: Path) -> Path:
+    """Write a fitted candidate as plain data into `folder`; returns the spec file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    calibration = None
+    if isinstance(model, LogitRecalibrated):
+        calibration = {"coef": model.calibrator_.coef_.tolist(),
+                       "intercept": model.calibrator_.intercept_.tolist()}
+        model = model.base_
+    features_step, classifier = model[0], model[-1]
+    features = list(features_step.features)
+    spec: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "features": features,
+        "log_features": [f for f in features if f in PANEL and f not in LINEAR_SCALE_MARKERS],
+        "classes": [str(c) for c in classifier.classes_],
+        "calibration": calibration,
+        "rule": {"ferritin_threshold_ng_ml": FERRITIN_MALS_NG_ML,
+                 "hla_dr_threshold_mab_per_cell": HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL},
+        "ranges": {f: [PANEL[f].low, PANEL[f].high] for f in features
+                   if f in PANEL and PANEL[f].is_numeric},
+    }
+    if isinstance(classifier, WeightedXGBClassifier):
+        classifier.booster_.get_booster().save_model(str(folder / BOOSTER_FILE))
+        spec["kind"] = "xgboost"
+        spec["logit_offset"] = (-np.log(classifier.class_weight_)).tolist()
+        spec["booster"] = BOOSTER_FILE
+    else:
+        imputer, scaler = model.named_steps["impute"], model.named_steps["scale"]
+        indicator = getattr(imputer, "indicator_", None)
+        spec["kind"] = "linear"
+        spec["impute_median"] = imputer.statistics_.tolist()
+        spec["indicator_of"] = ([] if indicator is None
+                                else [int(i) for i in indicator.features_])
+        spec["scale_mean"] = scaler.mean_.tolist()
+        spec["scale_sd"] = scaler.scale_.tolist()
+        spec["coef"] = classifier.coef_.tolist()
+        spec["intercept"] = classifier.intercept_.tolist()
+    path = folder / SPEC_FILE
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+class PackagedPhenotyper:
+    """Scores cohorts from an exported folder: phenotype, probabilities, rule, explanations."""
+
+    def __init__(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.spec = json.loads((folder / SPEC_FILE).read_text())
+        if self.spec.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{folder / SPEC_FILE}: unsupported format version")
+        self.features: list[str] = self.spec["features"]
+        self.classes: list[str] = self.spec["classes"]
+        self.booster = None
+        if self.spec["kind"] == "xgboost":
+            import xgboost
+
+            self.booster = xgboost.Booster()
+            self.booster.load_model(str(folder / self.spec["booster"]))
+            self.booster.set_param({"nthread": 1})
+
+    # --- features -------------------------------------------------------------------------
+
+    def _matrix(self, cohort: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+        """Model features as floats (log where the model logs), and a status per row."""
+        n = len(cohort)
+        status = [OK] * n
+        columns = []
+        for name in self.features:
+            if name not in cohort:
+                columns.append(np.full(n, np.nan))
+                continue
+            if name == "sex":
+                sex = cohort[name].astype("string").str.strip().str.upper()
+                columns.append(np.where(sex == "M", 1.0, np.where(sex == "F", 0.0, np.nan)))
+                continue
+            raw = cohort[name]
+            values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+            text_given = raw.notna().to_numpy() & np.isnan(values)
+            low, high = self.spec["ranges"].get(name, [-np.inf, np.inf])
+            with np.errstate(invalid="ignore"):
+                bad = text_given | (values < low) | (values > high) | np.isinf(values)
+            for row in np.flatnonzero(bad):
+                problem = (f"{name} is not a number ({raw.iloc[row]!r})" if text_given[row]
+                           else f"{name}={values[row]:g} is outside {low:g}-{high:g} "
+                                f"{PANEL[name].unit}")
+                status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
+            if name in self.spec["log_features"]:
+                values = np.log(np.clip(values, 0, None) + _LOG_FLOOR)
+            columns.append(values)
+        return np.column_stack(columns), status
+
+    # --- logits and contributions -----------------------------------------------------------
+
+    def contributions(self, cohort: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Per-row, per-class logit contributions of each feature (n, K, F), the base (K,),
+        and each row's status. Rows whose status is not ok get NaN."""
+        X, status = self._matrix(cohort)
+        if self.spec["kind"] == "xgboost":
+            import xgboost
+
+            raw = self.booster.predict(xgboost.DMatrix(X, missing=np.nan), pred_contribs=True)
+            raw = np.asarray(raw).reshape(len(X), len(self.classes), -1)
+            contributions, base = raw[:, :, :-1], raw[0, :, -1] + np.array(
+                self.spec["logit_offset"])
+        else:
+            contributions, base = self._linear(X)
+        calibration = self.spec["calibration"]
+        if calibration is not None:
+            matrix = np.array(calibration["coef"])
+            contributions = np.einsum("kj,njf->nkf", matrix, contributions)
+            base = matrix @ base + np.array(calibration["intercept"])
+        bad = np.array([s != OK for s in status])
+        contributions[bad] = np.nan
+        return contributions, base, status
+
+    def _linear(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """coef x standardised value per model column, folded back onto panel features
+        (a marker's missing-indicator column counts towards that marker)."""
+        spec = self.spec
+        missing = np.isnan(X)
+        imputed = np.where(missing, np.array(spec["impute_median"]), X)
+        indicators = missing[:, spec["indicator_of"]].astype(float)
+        columns = np.hstack([imputed, indicators])
+        standard = (columns - np.array(spec["scale_mean"])) / np.array(spec["scale_sd"])
+        coef = np.array(spec["coef"])  # (K, columns)
+        per_column = standard[:, None, :] * coef[None, :, :]
+        width = X.shape[1]
+        contributions = per_column[:, :, :width].copy()
+        for position, feature in enumerate(spec["indicator_of"]):
+            contributions[:, :, feature] += per_column[:, :, width + position]
+        return contributions, np.array(spec["intercept"])
+
+    # --- the contract -----------------------------------------------------------------------
+
+    def predict(self, cohort: pd.DataFrame, explain: str = "predicted") -> pd.DataFrame:
+        """One output row per input row, same order: phenotype, probabilities, the rule's
+        answer, a status, and (unless explain='none') SHAP contributions and top drivers."""
+        if explain not in EXPLAIN_MODES:
+            raise ValueError(f"explain must be one of {EXPLAIN_MODES}, not {explain!r}")
+        contributions, base, status = self.contributions(cohort)
+        logits = contributions.sum(axis=2) + base
+        logits -= logits.max(axis=1, keepdims=True)
+        proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        ok = np.array([s == OK for s in status])
+        predicted = np.where(ok, proba.argmax(axis=1), -1)
+        classes = np.array(self.classes, dtype=object)
+        out = pd.DataFrame(index=range(len(cohort)))
+        out[PATIENT_ID] = (cohort[PATIENT_ID].to_numpy() if PATIENT_ID in cohort
+                           else np.full(len(cohort), None))
+        out["phenotype"] = np.where(ok, classes[np.maximum(predicted, 0)], None)
+        for k, name in enumerate(self.classes):
+            out[f"prob_{name}"] = np.where(ok, proba[:, k], np.nan)
+        out["rule_phenotype"] = immunosep_phenotype(
+            _numeric(cohort, "ferritin_ng_ml"), _numeric(cohort, "hla_dr_mab_per_cell"),
+            self.spec["rule"]["ferritin_threshold_ng_ml"],
+            self.spec["rule"]["hla_dr_threshold_mab_per_cell"])
+        out["status"] = status
+        if explain == "none":
+            return out
+        rows = np.arange(len(cohort))
+        chosen = contributions[rows, np.maximum(predicted, 0)]  # (n, F)
+        out["shap_base"] = np.where(ok, base[np.maximum(predicted, 0)], np.nan)
+        for f, name in enumerate(self.features):
+            out[f"shap_{name}"] = chosen[:, f]
+        if explain == "all":
+            for k, label in enumerate(self.classes):
+                out[f"shap_base_{label}"] = np.where(ok, base[k], np.nan)
+                for f, name in enumerate(self.features):
+                    out[f"shap_{label}_{name}"] = contributions[:, k, f]
+        out["top_drivers"] = _top_drivers(chosen, cohort, self.features, ok)
+        return out
+
+
+def _numeric(cohort: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in cohort:
+        return np.full(len(cohort), np.nan)
+    return pd.to_numeric(cohort[column], errors="coerce").to_numpy(dtype=float)
+
+
+def _top_drivers(chosen: np.ndarray, cohort: pd.DataFrame, features: list[str],
+                 ok: np.ndarray, count: int = 3) -> list[str]:
+    """'ferritin_ng_ml=9120 (+2.41), platelets_10e9_l=48 (+0.93), ...' per row."""
+    order = np.argsort(-np.abs(np.nan_to_num(chosen)), axis=1)[:, :count]
+    lines = []
+    for row in range(len(chosen)):
+        if not ok[row]:
+            lines.append("")
+            continue
+        parts = []
+        for f in order[row]:
+            name = features[f]
+            value = cohort[name].iloc[row] if name in cohort else None
+            shown = "missing" if value is None or pd.isna(value) else f"{value}"
+            parts.append(f"{name}={shown} ({chosen[row, f]:+.2f})")
+        lines.append(", ".join(parts))
+    return lines

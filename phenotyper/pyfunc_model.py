@@ -1,0 +1,31 @@
+"""MLflow models-from-code entry point: the packaged phenotyper as a pyfunc model.
+
+MLflow executes this file to build the model (no pickle): `load_context` reads the exported
+plain-data artifacts, `predict` returns one scored row per input row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from phenotyper.packaged import PackagedPhenotyper
+
+ARTIFACT = "phenotyper"
+
+
+class PhenotyperModel(mlflow.pyfunc.PythonModel):
+    """Phenotype, calibrated probabilities, the ImmunoSep rule and SHAP explanations."""
+
+    def load_context(self, context: Any) -> None:
+        self.model = PackagedPhenotyper(context.artifacts[ARTIFACT])
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        explain = (params or {}).get("explain", "predicted")
+        return self.model.predict(pd.DataFrame(model_input), explain=explain)
+
+
+mlflow.models.set_model(PhenotyperModel())

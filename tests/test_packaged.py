@@ -1,0 +1,143 @@
+"""The packaged phenotyper: same answers as the fitted model, exact and additive SHAP values,
+the output contract row by row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import shap
+
+from phenotyper.models import LogitRecalibrated, build_candidate
+from phenotyper.packaged import OK, PackagedPhenotyper, export
+from phenotyper.panel import PANEL
+from phenotyper.simulate import simulate
+
+FEATURES = list(PANEL)
+TOLERANCE = 1e-4  # the issue's bar for exact SHAP values
+
+
+@pytest.fixture(scope="module")
+def cohorts() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return simulate("provide", 2500, seed=1), simulate("provide", 400, seed=2)
+
+
+def _fit(kind: str, train: pd.DataFrame, recalibrated: bool = False):
+    params = {"n_estimators": 40, "max_depth": 3} if kind == "xgboost" else {"C": 1.0}
+    model = build_candidate(kind, FEATURES, params)
+    if recalibrated:
+        model = LogitRecalibrated(model, cv=3)
+    return model.fit(train, train["phenotype_true"])
+
+
+def _packaged(model, folder: Path) -> PackagedPhenotyper:
+    export(model, folder)
+    return PackagedPhenotyper(folder)
+
+
+def _class_columns(out: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    return out[[f"prob_{c}" for c in classes]].to_numpy()
+
+
+@pytest.mark.parametrize("kind", ["logistic", "xgboost"])
+@pytest.mark.parametrize("recalibrated", [False, True])
+def test_packaged_model_gives_the_fitted_models_probabilities(
+    cohorts, tmp_path: Path, kind: str, recalibrated: bool
+) -> None:
+    train, test = cohorts
+    model = _fit(kind, train, recalibrated)
+    packaged = _packaged(model, tmp_path)
+    out = packaged.predict(test)
+    expected = model.predict_proba(test)
+    assert [str(c) for c in model.classes_] == packaged.classes
+    np.testing.assert_allclose(_class_columns(out, packaged.classes), expected, atol=1e-6)
+    assert (out["phenotype"].to_numpy() == model.predict(test)).all()
+
+
+def test_tree_shap_values_equal_shaps_tree_explainer(cohorts, tmp_path: Path) -> None:
+    train, test = cohorts
+    model = _fit("xgboost", train)
+    contributions, _, _ = _packaged(model, tmp_path).contributions(test)
+    transformed = model[0].transform(test)
+    reference = np.asarray(shap.TreeExplainer(model[-1].booster_).shap_values(transformed))
+    if reference.shape[1] != len(FEATURES):  # (classes, rows, features) in some shap versions
+        reference = np.moveaxis(reference, 0, -1)
+    np.testing.assert_allclose(np.moveaxis(contributions, 1, 2), reference, atol=TOLERANCE)
+
+
+def test_linear_shap_values_are_coefficient_times_centred_value(cohorts, tmp_path) -> None:
+    """coef x (x - mean) in the model's standardised feature space, computed from the fitted
+    scikit-learn steps; a marker's missing indicator counts towards that marker."""
+    train, test = cohorts
+    model = _fit("logistic", train)
+    contributions, base, _ = _packaged(model, tmp_path).contributions(test)
+    prepared = model[:-1].transform(test)  # features, imputation + indicators, scaling
+    background = model[:-1].transform(train).mean(axis=0)
+    coef = model[-1].coef_
+    per_column = (prepared - background)[:, None, :] * coef[None, :, :]
+    indicator_of = model.named_steps["impute"].indicator_.features_
+    expected = per_column[:, :, : len(FEATURES)].copy()
+    for position, feature in enumerate(indicator_of):
+        expected[:, :, feature] += per_column[:, :, len(FEATURES) + position]
+    np.testing.assert_allclose(contributions, expected, atol=TOLERANCE)
+    np.testing.assert_allclose(base, model[-1].intercept_ + coef @ background, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "xgboost"])
+def test_shap_values_add_up_to_the_predicted_log_odds_on_every_row(cohorts, tmp_path, kind):
+    train, test = cohorts
+    packaged = _packaged(_fit(kind, train, recalibrated=True), tmp_path)
+    out = packaged.predict(test)
+    shap_columns = [f"shap_{f}" for f in FEATURES]
+    total = out["shap_base"] + out[shap_columns].sum(axis=1)
+    proba = _class_columns(out, packaged.classes)
+    rows, top = np.arange(len(out)), proba.argmax(axis=1)
+    contributions, base, _ = packaged.contributions(test)
+    logits = contributions.sum(axis=2) + base
+    np.testing.assert_allclose(total, logits[rows, top], atol=1e-8)
+    # and they are the model's own logits: their differences are log-probability ratios
+    np.testing.assert_allclose(logits[rows, top] - logits[:, 0],
+                               np.log(proba[rows, top]) - np.log(proba[:, 0]), atol=1e-6)
+
+
+def test_output_contract_keeps_every_row_in_order_and_flags_bad_rows(cohorts, tmp_path):
+    train, test = cohorts
+    packaged = _packaged(_fit("xgboost", train), tmp_path)
+    rows = test.head(6).copy()
+    rows["ferritin_ng_ml"] = rows["ferritin_ng_ml"].astype(object)
+    rows.loc[1, "ferritin_ng_ml"] = -50.0  # implausible
+    rows.loc[3, "ferritin_ng_ml"] = "haemolysed"  # not a number
+    rows.loc[4, "hla_dr_mab_per_cell"] = np.nan  # a hospital without flow cytometry
+    out = packaged.predict(rows)
+    assert out["patient_id"].tolist() == rows["patient_id"].tolist()
+    assert out.loc[1, "status"].startswith("ferritin_ng_ml=-50 is outside")
+    assert "not a number" in out.loc[3, "status"]
+    assert out.loc[[0, 2, 4, 5], "status"].eq(OK).all()
+    assert out.loc[[1, 3], "phenotype"].isna().all() and out.loc[[1, 3], "prob_MALS"].isna().all()
+    assert out.loc[[0, 2, 4, 5], "phenotype"].notna().all()
+    assert out.loc[4, "rule_phenotype"] in ("indeterminate", "MALS")
+    assert {"shap_base", "top_drivers", *(f"shap_{f}" for f in FEATURES)} <= set(out.columns)
+    assert out.loc[0, "top_drivers"].count("(") == 3
+
+
+def test_explain_modes(cohorts, tmp_path) -> None:
+    train, test = cohorts
+    packaged = _packaged(_fit("logistic", train), tmp_path)
+    none = packaged.predict(test.head(3), explain="none")
+    assert not any(c.startswith("shap_") for c in none.columns)
+    every = packaged.predict(test.head(3), explain="all")
+    for label in packaged.classes:
+        assert f"shap_base_{label}" in every and f"shap_{label}_ferritin_ng_ml" in every
+    with pytest.raises(ValueError, match="explain"):
+        packaged.predict(test.head(3), explain="some")
+
+
+def test_export_is_plain_data(cohorts, tmp_path) -> None:
+    train, _ = cohorts
+    export(_fit("xgboost", train), tmp_path / "trees")
+    export(_fit("logistic", train), tmp_path / "linear")
+    names = {p.name for p in (tmp_path / "trees").iterdir()} | {
+        p.name for p in (tmp_path / "linear").iterdir()}
+    assert names == {"phenotyper.json", "booster.ubj"}
