@@ -13,12 +13,13 @@ import os
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -26,6 +27,8 @@ from mlflow.tracking import MlflowClient
 
 import phenotyper
 from phenotyper import explain, report
+from phenotyper.panel import PATIENT_ID
+from phenotyper.rules import PHENOTYPES
 
 if TYPE_CHECKING:
     from phenotyper.experiment import GateDecision, TrainingResult
@@ -50,9 +53,9 @@ def champion_version(name: str) -> str | None:
         return None
 
 
-def load_model(uri: str) -> Any:
-    """A fitted phenotyper from an MLflow model URI (models:/NAME@ALIAS, runs:/ID/model...)."""
-    return mlflow.sklearn.load_model(uri)
+def load_model(uri: str) -> PyfuncPhenotyper:
+    """A registered phenotyper from an MLflow model URI (models:/NAME@ALIAS, runs:/ID/model)."""
+    return PyfuncPhenotyper(mlflow.pyfunc.load_model(uri))
 
 
 def content_sha256(frame: pd.DataFrame) -> str:
@@ -151,38 +154,65 @@ def log_result(result: TrainingResult) -> str:
     summary = explain.shap_summary_png(selected, result.test)
     if summary is not None:
         mlflow.log_image(_png_array(summary), "shap_summary.png")
-    X = result.test[list(result.features)]
-    info = mlflow.sklearn.log_model(
-        selected, name=MODEL_ARTIFACT, registered_model_name=spec.registered_model,
-        serialization_format="skops", skops_trusted_types=_trusted_types(selected),
-        signature=infer_signature(X, selected.predict_proba(X)),
-        input_example=X.head(3), pyfunc_predict_fn="predict_proba",
-        pip_requirements=_requirements(),
-    )
+    return log_packaged_model(selected, result.test, result.features, spec.registered_model)
+
+
+def log_packaged_model(model: Any, example_cohort: pd.DataFrame, features: Sequence[str],
+                       registered_name: str) -> str:
+    """Log the packaged pyfunc (models-from-code, plain-data artifacts, phenotyper's code in
+    `code_paths`) with an all-optional input signature; register it; return the version."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from phenotyper import pyfunc_model
+    from phenotyper.packaged import PackagedPhenotyper, export
+
+    inputs = Schema([ColSpec("string", PATIENT_ID, required=False)] + [
+        ColSpec("string" if name == "sex" else "double", name, required=False)
+        for name in features])
+    example = example_cohort[[PATIENT_ID, *features]].head(3)
+    with tempfile.TemporaryDirectory() as folder:
+        artifacts = Path(folder) / pyfunc_model.ARTIFACT
+        export(model, artifacts)
+        output = PackagedPhenotyper(artifacts).predict(example)
+        signature = ModelSignature(
+            inputs=inputs, outputs=infer_signature(example, output).outputs,
+            params=ParamSchema([ParamSpec("explain", "string", "predicted")]))
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=pyfunc_model.__file__,
+            artifacts={pyfunc_model.ARTIFACT: str(artifacts)},
+            code_paths=[str(Path(phenotyper.__file__).parent)],
+            signature=signature, input_example=example,
+            pip_requirements=_requirements(), registered_model_name=registered_name)
     return str(info.registered_model_version)  # MLflow answers int or str by store
 
 
+class PyfuncPhenotyper:
+    """A registered packaged model seen as a classifier, so the evaluator can judge it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.classes_ = np.array(PHENOTYPES, dtype=object)
+
+    def _scores(self, X: pd.DataFrame) -> pd.DataFrame:
+        columns = [c for c in X.columns if c in self.model.metadata.get_input_schema()
+                   .input_names()]
+        return self.model.predict(X[columns], params={"explain": "none"})
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return self._scores(X)[[f"prob_{p}" for p in PHENOTYPES]].to_numpy(dtype=float)
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        return self._scores(X)["phenotype"].to_numpy(dtype=object)
+
+
 def _requirements() -> list[str]:
-    """The model's Python requirements, pinned to what trained it (MLflow's own inference
-    imports the model in a subprocess: slow, and it cannot see phenotyper's own code)."""
+    """What the packaged model needs to load and score, pinned to what trained it (phenotyper's
+    own code travels in code_paths; MLflow's inference would import it in a slow subprocess)."""
     from importlib.metadata import version
 
     return [f"{package}=={version(package)}" for package in
-            ("scikit-learn", "xgboost", "skops", "numpy", "pandas", "scipy")]
-
-
-_TRUSTED_MODULES = ("phenotyper.", "numpy.", "sklearn.", "xgboost.", "scipy.", "builtins.")
-
-
-def _trusted_types(model: Any) -> list[str]:
-    """Types skops must trust to load this model: only our own and our libraries' types."""
-    import skops.io
-
-    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-    foreign = [name for name in untrusted if not name.startswith(_TRUSTED_MODULES)]
-    if foreign:
-        raise ValueError(f"model contains types phenotyper will not trust: {foreign}")
-    return untrusted
+            ("mlflow", "xgboost", "numpy", "pandas")]
 
 
 def _png_array(png: bytes) -> Any:

@@ -85,9 +85,10 @@ def test_training_logs_runs_datasets_artifacts_and_registers(sqlite_store: str) 
     assert version.tags["gate.decision"] == "promoted"
     assert "Synthetic" in version.description  # the model card travels with the version
     assert _aliases(client, "pheno") == {"challenger": "1", "champion": "1"}
-    model = mlflow.sklearn.load_model("models:/pheno@champion")
-    proba = model.predict_proba(outcome.result.test)
-    assert proba.shape == (len(outcome.result.test), 3)
+    scored = mlflow.pyfunc.load_model("models:/pheno@champion").predict(outcome.result.test)
+    assert len(scored) == len(outcome.result.test)
+    assert scored["patient_id"].tolist() == outcome.result.test["patient_id"].tolist()
+    assert {"phenotype", "prob_MALS", "rule_phenotype", "status", "shap_base"} <= set(scored)
 
 
 def test_gate_keeps_the_champion_and_a_failed_run_moves_nothing(sqlite_store: str) -> None:
@@ -177,8 +178,8 @@ def test_training_against_a_live_tracking_server(
     assert _aliases(client, "pheno")["champion"] == outcome.version
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert "model_card.md" in artifacts
-    model = mlflow.sklearn.load_model(f"models:/pheno/{outcome.version}")
-    assert model.predict_proba(outcome.result.test.head(5)).shape == (5, 3)
+    model = mlflow.pyfunc.load_model(f"models:/pheno/{outcome.version}")
+    assert len(model.predict(outcome.result.test.head(5))) == 5
 
 
 def test_train_command_runs_an_experiment_file_and_benchmark_judges_the_champion(
@@ -208,3 +209,28 @@ def test_train_command_runs_an_experiment_file_and_benchmark_judges_the_champion
     result = runner.invoke(app, ["model-card", "pheno", "--output", str(tmp_path / "card.md")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "card.md").read_text().startswith("# Model card: pheno, version 1")
+
+
+def test_a_consumer_loads_the_champion_in_a_fresh_process_without_pickle(
+    sqlite_store: str, tmp_path: Path
+) -> None:
+    """Only the registry and the model's own files: no phenotyper import in the consumer's
+    code, pickle deserialisation switched off."""
+    train(_spec())
+    consumer = (
+        "import mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({sqlite_store!r})\n"
+        "model = mlflow.pyfunc.load_model('models:/pheno@champion')\n"
+        "rows = pd.DataFrame({'patient_id': ['a', 'b'], 'ferritin_ng_ml': [9000.0, 300.0],"
+        " 'hla_dr_mab_per_cell': [12000.0, None]})\n"
+        "out = model.predict(rows, params={'explain': 'predicted'})\n"
+        "print(out[['patient_id', 'phenotype', 'rule_phenotype', 'status']].to_json())\n")
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-c", consumer], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scored = json.loads(done.stdout.strip().splitlines()[-1])
+    assert scored["patient_id"] == {"0": "a", "1": "b"}
+    assert scored["rule_phenotype"] == {"0": "MALS", "1": "indeterminate"}
+    assert set(scored["status"].values()) == {"ok"}
