@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -188,6 +189,32 @@ def model_card(
     output.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(output, card.encode())
     Console().print(Text(f"Wrote the model card of {name}@{alias} to {output}."))
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="MLflow model URI to serve.")] =
+        "models:/immunophenotyper@champion",
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback unless told.")] =
+        "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 5001,
+    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
+) -> None:
+    """Serve a packaged model with MLflow's own scoring server (POST /invocations)."""
+    import os
+    import shutil
+
+    from phenotyper import tracking
+
+    uri = tracking.configure()
+    # MLflow starts its server by name (uvicorn): this environment's tools must come first
+    tools = str(Path(sys.executable).parent)
+    mlflow_cli = shutil.which("mlflow", path=tools) or "mlflow"
+    command = [mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local",
+               "--host", host, "--port", str(port), "--workers", str(workers)]
+    Console().print(Text(f"Serving {model} from {uri} on http://{host}:{port}/invocations"))
+    path = os.pathsep.join([tools, os.environ.get("PATH", "")])
+    os.execvpe(command[0], command, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
 
 
 def _load_models(uris: list[str]) -> dict[str, object]:
