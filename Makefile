@@ -23,6 +23,7 @@ demo: setup
 		--label phenotype_true --output reports/rules_benchmark
 	for experiment in experiments/*.toml; do $(BIN)/phenotyper train $$experiment || exit 1; done
 	$(BIN)/phenotyper model-card immunophenotyper --output models/immunophenotyper_champion.md
+	$(BIN)/python -m phenotyper.serving --model models:/immunophenotyper@champion
 	@echo "Rules benchmark: reports/rules_benchmark/benchmark.md"
 	@echo "Champion's model card: models/immunophenotyper_champion.md"
 	@echo "Runs and registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
@@ -41,3 +42,4 @@ bench: setup
 	$(BIN)/python benchmarks/calibration_table.py
 	$(BIN)/python benchmarks/benchmark_speed.py
 	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/serving_latency.py

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 from phenotyper.cli import app
 from phenotyper.cohort import write_table
 from phenotyper.experiment import ExperimentError, ExperimentSpec, train
+from phenotyper.serving import free_port
 from phenotyper.simulate import simulate
 from phenotyper.tracking import content_sha256
 
@@ -128,16 +128,10 @@ def test_second_run_is_judged_against_the_champion_on_the_same_patients(
     assert "champion_value" in second.decision.numbers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """A real `mlflow server` on a free loopback port, stopped afterwards."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
