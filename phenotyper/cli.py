@@ -217,6 +217,41 @@ def serve(
     os.execvpe(command[0], command, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
 
 
+@app.command("explain")
+def explain_patient(
+    cohort: Annotated[Path, typer.Option(help="Cohort file with the patient.")],
+    patient: Annotated[str, typer.Option(help="The patient_id to explain.")],
+    output: Annotated[Path, typer.Option(help="PNG file for the waterfall plot.")],
+    model: Annotated[str, typer.Option(help="MLflow model URI.")] =
+        "models:/immunophenotyper@champion",
+    mapping: Annotated[Path | None, typer.Option(
+        help="TOML mapping of the cohort's columns and units.")] = None,
+) -> None:
+    """Draw one patient's SHAP waterfall: why the model gave this phenotype."""
+    from mlflow.exceptions import MlflowException
+
+    from phenotyper import explain, tracking
+    from phenotyper.files import write_bytes_atomic
+
+    tracking.configure()
+    try:
+        data = read_cohort(cohort, mapping).data
+        rows = data[data["patient_id"] == patient]
+        if rows.empty:
+            exit_with_error(f"No patient_id '{patient}' in {cohort}.")
+        packaged = tracking.load_packaged(model)
+        png = explain.waterfall_png(packaged, rows.head(1))
+    except CohortError as error:
+        exit_with_error(str(error))
+    except MlflowException as error:
+        exit_with_error(f"Cannot load model {model}: {error.message}")
+    except ValueError as error:
+        exit_with_error(f"{patient}: {error}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(output, png)
+    Console().print(Text(f"Wrote {patient}'s explanation to {output}."))
+
+
 def _load_models(uris: list[str]) -> dict[str, object]:
     """Fitted models from MLflow URIs, named by their URI."""
     if not uris:

@@ -1,61 +1,81 @@
-"""SHAP explanations of the learned phenotypers, and the plots people look at."""
+"""SHAP plots people look at, drawn with the shap library from the packaged model's exact
+contributions (see packaged.py): a patient's waterfall, and cohort beeswarm and bar plots."""
 
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import shap
-from sklearn.pipeline import Pipeline
 
-from phenotyper.models import LogitRecalibrated, WeightedXGBClassifier
-from phenotyper.rules import PHENOTYPES
+from phenotyper.packaged import PackagedPhenotyper
 
 SUMMARY_ROWS = 2000
+DPI = 110
 
 
-def _pipeline(model: Any) -> Pipeline:
-    """The fitted candidate pipeline inside an optional recalibration wrapper."""
-    return model.base_ if isinstance(model, LogitRecalibrated) else model
+def _png() -> bytes:
+    """The current pyplot figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    figure = plt.gcf()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
 
 
-def shap_values(model: Any, cohort: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-patient, per-feature, per-phenotype SHAP values (log-odds scale) and the features.
-
-    Exact for both candidates: tree SHAP for XGBoost, and for the logistic model the linear
-    explanation coefficient x (x - mean) in the standardised, imputed feature space.
-    """
-    pipeline = _pipeline(model)
-    features, classifier = pipeline[:-1], pipeline[-1]
-    X = np.asarray(features.transform(cohort), dtype=float)
-    names = list(features.get_feature_names_out())
-    if isinstance(classifier, WeightedXGBClassifier):
-        explainer = shap.TreeExplainer(classifier.booster_)
-        values = np.asarray(explainer.shap_values(X))
-    else:
-        explainer = shap.LinearExplainer(classifier, shap.maskers.Independent(X, X.shape[0]))
-        values = np.asarray(explainer.shap_values(X))
-    if values.ndim == 3 and values.shape[0] == len(PHENOTYPES) and values.shape[2] != len(
-            PHENOTYPES):
-        values = np.moveaxis(values, 0, -1)
-    return values, X, names
+def _values(model: PackagedPhenotyper, cohort: pd.DataFrame) -> np.ndarray:
+    """Feature values as the patient has them (not log-transformed), for the plots' labels."""
+    return np.column_stack([
+        pd.to_numeric(cohort[f], errors="coerce").to_numpy(dtype=float) if f != "sex"
+        else (cohort[f].astype("string") == "M").astype(float).to_numpy()
+        for f in model.features]) if len(model.features) else np.empty((len(cohort), 0))
 
 
-def shap_summary_png(model: Any, cohort: pd.DataFrame, seed: int = 0) -> bytes | None:
-    """Mean |SHAP| per feature and phenotype as a bar chart (shap's summary plot)."""
+def waterfall_png(model: PackagedPhenotyper, patient: pd.DataFrame,
+                  title: str = "", max_display: int = 12) -> bytes:
+    """One patient's explanation of the predicted phenotype (log-odds scale)."""
+    import matplotlib.pyplot as plt
+
+    scored = model.predict(patient, explain="all").iloc[0]
+    if scored["status"] != "ok":
+        raise ValueError(f"patient cannot be scored: {scored['status']}")
+    label = scored["phenotype"]
+    explanation = shap.Explanation(
+        values=np.array([scored[f"shap_{label}_{f}"] for f in model.features]),
+        base_values=float(scored[f"shap_base_{label}"]),
+        data=_values(model, patient)[0], feature_names=list(model.features))
+    plt.figure()
+    shap.plots.waterfall(explanation, max_display=max_display, show=False)
+    plt.gcf().suptitle(title or f"{scored['patient_id']}: {label} "
+                       f"(P = {scored['prob_' + label]:.2f}), log-odds contributions")
+    return _png()
+
+
+def cohort_pngs(model: PackagedPhenotyper, cohort: pd.DataFrame, seed: int = 0
+                ) -> dict[str, bytes]:
+    """A beeswarm per phenotype and a bar plot of mean |SHAP| per feature and phenotype."""
     import matplotlib.pyplot as plt
 
     rows = cohort.sample(min(SUMMARY_ROWS, len(cohort)), random_state=seed)
-    values, X, names = shap_values(model, rows)
-    per_class = [values[:, :, k] for k in range(values.shape[2])]
+    contributions, base, status = model.contributions(rows)
+    keep = np.array([s == "ok" for s in status])
+    contributions, values = contributions[keep], _values(model, rows)[keep]
+    pictures = {}
+    for k, label in enumerate(model.classes):
+        explanation = shap.Explanation(values=contributions[:, k, :],
+                                       base_values=np.full(keep.sum(), base[k]), data=values,
+                                       feature_names=list(model.features))
+        plt.figure()
+        shap.plots.beeswarm(explanation, max_display=15, show=False)
+        plt.gcf().suptitle(f"SHAP values for {label} (log-odds)")
+        pictures[f"shap_beeswarm_{label}.png"] = _png()
     plt.figure()
-    shap.summary_plot(per_class, X, feature_names=names, plot_type="bar",
-                      class_names=list(PHENOTYPES), show=False, max_display=15)
-    figure = plt.gcf()
-    figure.suptitle("Mean |SHAP| (log-odds) per feature and phenotype")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
+    shap.summary_plot([contributions[:, k, :] for k in range(len(model.classes))], values,
+                      feature_names=list(model.features), plot_type="bar",
+                      class_names=list(model.classes), show=False, max_display=15)
+    plt.gcf().suptitle("Mean |SHAP| (log-odds) per feature and phenotype")
+    pictures["shap_summary.png"] = _png()
+    return pictures

@@ -26,7 +26,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import phenotyper
-from phenotyper import explain, report
+from phenotyper import explain, pyfunc_model, report
+from phenotyper.packaged import PackagedPhenotyper, export
 from phenotyper.panel import PATIENT_ID
 from phenotyper.rules import PHENOTYPES
 
@@ -51,6 +52,12 @@ def champion_version(name: str) -> str | None:
         return str(MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS).version)
     except MlflowException:
         return None
+
+
+def load_packaged(uri: str) -> PackagedPhenotyper:
+    """The packaged phenotyper inside a registered pyfunc model (for plots and explanations)."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    return PackagedPhenotyper(local / "artifacts" / pyfunc_model.ARTIFACT)
 
 
 def load_model(uri: str) -> PyfuncPhenotyper:
@@ -151,39 +158,40 @@ def log_result(result: TrainingResult) -> str:
         report.write_benchmark(result.benchmark, Path(folder), source=result.cohort_source)
         mlflow.log_artifacts(folder, "benchmark")
     selected = result.candidates[result.selected].estimator
-    summary = explain.shap_summary_png(selected, result.test)
-    if summary is not None:
-        mlflow.log_image(_png_array(summary), "shap_summary.png")
-    return log_packaged_model(selected, result.test, result.features, spec.registered_model)
+    with tempfile.TemporaryDirectory() as folder:
+        exported = Path(folder) / pyfunc_model.ARTIFACT
+        export(selected, exported)
+        packaged = PackagedPhenotyper(exported)
+        for name, png in explain.cohort_pngs(packaged, result.test).items():
+            mlflow.log_image(_png_array(png), f"shap/{name}")
+        mlflow.log_image(_png_array(explain.waterfall_png(packaged, result.test.head(1))),
+                         "shap/waterfall_first_test_patient.png")
+        return log_packaged_model(exported, result.test, result.features,
+                                  spec.registered_model)
 
 
-def log_packaged_model(model: Any, example_cohort: pd.DataFrame, features: Sequence[str],
+def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: Sequence[str],
                        registered_name: str) -> str:
-    """Log the packaged pyfunc (models-from-code, plain-data artifacts, phenotyper's code in
-    `code_paths`) with an all-optional input signature; register it; return the version."""
+    """Log an exported phenotyper as the packaged pyfunc (models-from-code, plain-data
+    artifacts, phenotyper's code in `code_paths`) with an all-optional input signature;
+    register it; return the new version."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from phenotyper import pyfunc_model
-    from phenotyper.packaged import PackagedPhenotyper, export
 
     inputs = Schema([ColSpec("string", PATIENT_ID, required=False)] + [
         ColSpec("string" if name == "sex" else "double", name, required=False)
         for name in features])
     example = example_cohort[[PATIENT_ID, *features]].head(3)
-    with tempfile.TemporaryDirectory() as folder:
-        artifacts = Path(folder) / pyfunc_model.ARTIFACT
-        export(model, artifacts)
-        output = PackagedPhenotyper(artifacts).predict(example)
-        signature = ModelSignature(
-            inputs=inputs, outputs=infer_signature(example, output).outputs,
-            params=ParamSchema([ParamSpec("explain", "string", "predicted")]))
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=pyfunc_model.__file__,
-            artifacts={pyfunc_model.ARTIFACT: str(artifacts)},
-            code_paths=[str(Path(phenotyper.__file__).parent)],
-            signature=signature, input_example=example,
-            pip_requirements=_requirements(), registered_model_name=registered_name)
+    output = PackagedPhenotyper(exported).predict(example)
+    signature = ModelSignature(
+        inputs=inputs, outputs=infer_signature(example, output).outputs,
+        params=ParamSchema([ParamSpec("explain", "string", "predicted")]))
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT, python_model=pyfunc_model.__file__,
+        artifacts={pyfunc_model.ARTIFACT: str(exported)},
+        code_paths=[str(Path(phenotyper.__file__).parent)],
+        signature=signature, input_example=example,
+        pip_requirements=_requirements(), registered_model_name=registered_name)
     return str(info.registered_model_version)  # MLflow answers int or str by store
 
 

@@ -77,7 +77,10 @@ def test_training_logs_runs_datasets_artifacts_and_registers(sqlite_store: str) 
     assert recorded == expected
 
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"benchmark", "model_card.md", "shap_summary.png"} <= artifacts
+    assert {"benchmark", "model_card.md", "shap"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(outcome.run_id, "shap")}
+    assert {"shap/shap_summary.png", "shap/shap_beeswarm_MALS.png",
+            "shap/waterfall_first_test_patient.png"} <= plots
     report = {a.path for a in client.list_artifacts(outcome.run_id, "benchmark")}
     assert {"benchmark/benchmark.json", "benchmark/benchmark.md"} <= report
 
@@ -199,6 +202,16 @@ def test_train_command_runs_an_experiment_file_and_benchmark_judges_the_champion
     assert result.exit_code == 0, result.output
     names = {r["phenotyper"] for r in json.loads((out / "benchmark.json").read_text())["records"]}
     assert "models:/pheno@champion" in names
+
+    patient = simulate("provide", 400, seed=8)["patient_id"].iloc[3]
+    picture = tmp_path / "why.png"
+    result = runner.invoke(app, ["explain", "--model", "models:/pheno@champion", "--cohort",
+                                 str(cohort), "--patient", patient, "--output", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert picture.read_bytes().startswith(b"\x89PNG") and picture.stat().st_size > 10_000
+    result = runner.invoke(app, ["explain", "--model", "models:/pheno@champion", "--cohort",
+                                 str(cohort), "--patient", "nobody", "--output", str(picture)])
+    assert result.exit_code == 2 and "No patient_id 'nobody'" in result.stderr
 
     result = runner.invoke(app, ["model-card", "pheno", "--output", str(tmp_path / "card.md")])
     assert result.exit_code == 0, result.output
