@@ -220,7 +220,7 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{package}=={version(package)}" for package in
-            ("mlflow", "xgboost", "numpy", "pandas")]
+            ("mlflow", "scikit-learn", "xgboost", "numpy", "pandas")]
 
 
 def _png_array(png: bytes) -> Any:
