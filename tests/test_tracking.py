@@ -241,3 +241,29 @@ def test_a_consumer_loads_the_champion_in_a_fresh_process_without_pickle(
     assert scored["patient_id"] == {"0": "a", "1": "b"}
     assert scored["rule_phenotype"] == {"0": "MALS", "1": "indeterminate"}
     assert set(scored["status"].values()) == {"ok"}
+
+
+def test_the_model_loads_with_only_its_listed_requirements(sqlite_store: str,
+                                                           tmp_path: Path) -> None:
+    """A consumer environment built from the model's requirements.txt alone (no phenotyper
+    installed): the code travels with the model. Builds a venv with uv (PyPI or uv's cache)."""
+    outcome = train(_spec())
+    local = Path(mlflow.artifacts.download_artifacts(
+        f"models:/pheno/{outcome.version}", dst_path=str(tmp_path / "model")))
+    uv = Path(sys.executable).parent / "uv"
+    venv = tmp_path / "consumer"
+    subprocess.run([str(uv), "venv", "-q", "-p", sys.executable, str(venv)], check=True,
+                   timeout=300)
+    subprocess.run([str(uv), "pip", "install", "-q", "-r", str(local / "requirements.txt")],
+                   check=True, timeout=600, env={**os.environ, "VIRTUAL_ENV": str(venv)})
+    consumer = (
+        "import importlib.util, mlflow, pandas as pd\n"
+        "assert importlib.util.find_spec('phenotyper') is None\n"
+        f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
+        "out = model.predict(pd.DataFrame({'patient_id': ['a'], 'ferritin_ng_ml': [9000.0]}))\n"
+        "print(out.loc[0, 'phenotype'], out.loc[0, 'status'])\n")
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", consumer], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].endswith(" ok")
