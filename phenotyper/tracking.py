@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 import phenotyper
 from phenotyper import explain, pyfunc_model, report
 from phenotyper.packaged import PackagedPhenotyper, export
-from phenotyper.panel import PATIENT_ID
+from phenotyper.panel import PANEL, PATIENT_ID
 from phenotyper.rules import PHENOTYPES
 
 if TYPE_CHECKING:
@@ -178,10 +178,13 @@ def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: S
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    # every panel column is accepted (the rule reads ferritin and HLA-DR even when the model
+    # does not use them), each optional, plus the model's extra features
+    columns = [*PANEL, *(f for f in features if f not in PANEL)]
     inputs = Schema([ColSpec("string", PATIENT_ID, required=False)] + [
         ColSpec("string" if name == "sex" else "double", name, required=False)
-        for name in features])
-    example = example_cohort[[PATIENT_ID, *features]].head(3)
+        for name in columns])
+    example = example_cohort[[PATIENT_ID, *(c for c in columns if c in example_cohort)]].head(3)
     output = PackagedPhenotyper(exported).predict(example)
     signature = ModelSignature(
         inputs=inputs, outputs=infer_signature(example, output).outputs,

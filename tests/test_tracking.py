@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -100,6 +101,11 @@ def test_gate_keeps_the_champion_and_a_failed_run_moves_nothing(sqlite_store: st
     # a model that sees only age and sex cannot beat the rule: registered, not promoted
     weak = train(_spec(markers=("age_years", "sex"), name="weak"))
     assert not weak.decision.promote
+    # it still accepts the rule's markers, so its rule_phenotype column is the real rule's
+    scored = mlflow.pyfunc.load_model(f"models:/pheno/{weak.version}").predict(
+        pd.DataFrame({"ferritin_ng_ml": [300.0], "hla_dr_mab_per_cell": [2000.0],
+                      "age_years": [70.0]}))
+    assert scored.loc[0, "rule_phenotype"] == "immunoparalysis"
     tags = client.get_model_version("pheno", weak.version).tags
     assert tags["gate.decision"] == "not promoted"
     assert float(tags["gate.rule_difference_ci_low"]) <= 0
