@@ -36,7 +36,7 @@ def _values(model: PackagedPhenotyper, cohort: pd.DataFrame) -> np.ndarray:
 
 def waterfall_png(model: PackagedPhenotyper, patient: pd.DataFrame,
                   title: str = "", max_display: int = 12) -> bytes:
-    """One patient's explanation of the predicted phenotype (log-odds scale)."""
+    """One patient's explanation of the predicted phenotype (softmax logit scale)."""
     import matplotlib.pyplot as plt
 
     scored = model.predict(patient, explain="all").iloc[0]
@@ -50,7 +50,7 @@ def waterfall_png(model: PackagedPhenotyper, patient: pd.DataFrame,
     plt.figure()
     shap.plots.waterfall(explanation, max_display=max_display, show=False)
     plt.gcf().suptitle(title or f"{scored['patient_id']}: {label} "
-                       f"(P = {scored['prob_' + label]:.2f}), log-odds contributions")
+                       f"(P = {scored['prob_' + label]:.2f}), contributions to its softmax logit")
     return _png()
 
 
@@ -70,12 +70,12 @@ def cohort_pngs(model: PackagedPhenotyper, cohort: pd.DataFrame, seed: int = 0
                                        feature_names=list(model.features))
         plt.figure()
         shap.plots.beeswarm(explanation, max_display=15, show=False)
-        plt.gcf().suptitle(f"SHAP values for {label} (log-odds)")
+        plt.gcf().suptitle(f"SHAP values for {label} (softmax logit)")
         pictures[f"shap_beeswarm_{label}.png"] = _png()
     plt.figure()
     shap.summary_plot([contributions[:, k, :] for k in range(len(model.classes))], values,
                       feature_names=list(model.features), plot_type="bar",
                       class_names=list(model.classes), show=False, max_display=15)
-    plt.gcf().suptitle("Mean |SHAP| (log-odds) per feature and phenotype")
+    plt.gcf().suptitle("Mean |SHAP| (softmax logit) per feature and phenotype")
     pictures["shap_summary.png"] = _png()
     return pictures

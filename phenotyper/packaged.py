@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from phenotyper.models import LINEAR_SCALE_MARKERS, LogitRecalibrated, WeightedXGBClassifier
-from phenotyper.panel import PANEL, PATIENT_ID
+from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES
 from phenotyper.rules import (
     FERRITIN_MALS_NG_ML,
     HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
@@ -108,7 +108,12 @@ class PackagedPhenotyper:
                 columns.append(np.full(n, np.nan))
                 continue
             if name == "sex":
-                sex = cohort[name].astype("string").str.strip().str.upper()
+                text = cohort[name].astype("string").str.strip()
+                sex = text.str.lower().map(SEX_ALIASES)
+                unknown = (text.notna() & (text != "") & sex.isna()).to_numpy(dtype=bool)
+                for row in np.flatnonzero(unknown):
+                    problem = f"sex {text.iloc[row]!r} is not F or M"
+                    status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
                 columns.append(np.where(sex == "M", 1.0, np.where(sex == "F", 0.0, np.nan)))
                 continue
             raw = cohort[name]
@@ -118,10 +123,11 @@ class PackagedPhenotyper:
             with np.errstate(invalid="ignore"):
                 bad = text_given | (values < low) | (values > high) | np.isinf(values)
             for row in np.flatnonzero(bad):
+                unit = PANEL[name].unit if name in PANEL else ""
                 problem = (f"{name} is not a number ({raw.iloc[row]!r})" if text_given[row]
-                           else f"{name}={values[row]:g} is outside {low:g}-{high:g} "
-                                f"{PANEL[name].unit}")
+                           else f"{name}={values[row]:g} is outside {low:g}-{high:g} {unit}")
                 status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
+            values = np.where(bad, np.nan, values)  # a rejected value never reaches the model
             if name in self.spec["log_features"]:
                 values = np.log(np.clip(values, 0, None) + _LOG_FLOOR)
             columns.append(values)
@@ -133,6 +139,9 @@ class PackagedPhenotyper:
         """Per-row, per-class logit contributions of each feature (n, K, F), the base (K,),
         and each row's status. Rows whose status is not ok get NaN."""
         X, status = self._matrix(cohort)
+        if len(X) == 0:
+            return (np.empty((0, len(self.classes), len(self.features))),
+                    self._base(), status)
         if self.spec["kind"] == "xgboost":
             import xgboost
 
@@ -147,9 +156,13 @@ class PackagedPhenotyper:
             matrix = np.array(calibration["coef"])
             contributions = np.einsum("kj,njf->nkf", matrix, contributions)
             base = matrix @ base + np.array(calibration["intercept"])
-        bad = np.array([s != OK for s in status])
+        bad = np.array([s != OK for s in status], dtype=bool)
         contributions[bad] = np.nan
         return contributions, base, status
+
+    def _base(self) -> np.ndarray:
+        """The logits' base values, for an empty input (no row to read them from)."""
+        return self.contributions(pd.DataFrame({f: [np.nan] for f in self.features}))[1]
 
     def _linear(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """coef x standardised value per model column, folded back onto panel features
@@ -168,6 +181,16 @@ class PackagedPhenotyper:
             contributions[:, :, feature] += per_column[:, :, width + position]
         return contributions, np.array(spec["intercept"])
 
+    def _checked(self, cohort: pd.DataFrame, column: str) -> np.ndarray:
+        """A marker as numbers, with text, infinite and implausible values as missing: the
+        rule must not act on a value the status rejected."""
+        if column not in cohort:
+            return np.full(len(cohort), np.nan)
+        values = pd.to_numeric(cohort[column], errors="coerce").to_numpy(dtype=float)
+        low, high = PANEL[column].low, PANEL[column].high
+        with np.errstate(invalid="ignore"):
+            return np.where((values >= low) & (values <= high), values, np.nan)
+
     # --- the contract -----------------------------------------------------------------------
 
     def predict(self, cohort: pd.DataFrame, explain: str = "predicted") -> pd.DataFrame:
@@ -179,7 +202,7 @@ class PackagedPhenotyper:
         logits = contributions.sum(axis=2) + base
         logits -= logits.max(axis=1, keepdims=True)
         proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        ok = np.array([s == OK for s in status])
+        ok = np.array([s == OK for s in status], dtype=bool)
         predicted = np.where(ok, proba.argmax(axis=1), -1)
         classes = np.array(self.classes, dtype=object)
         out = pd.DataFrame(index=range(len(cohort)))
@@ -189,7 +212,7 @@ class PackagedPhenotyper:
         for k, name in enumerate(self.classes):
             out[f"prob_{name}"] = np.where(ok, proba[:, k], np.nan)
         out["rule_phenotype"] = immunosep_phenotype(
-            _numeric(cohort, "ferritin_ng_ml"), _numeric(cohort, "hla_dr_mab_per_cell"),
+            self._checked(cohort, "ferritin_ng_ml"), self._checked(cohort, "hla_dr_mab_per_cell"),
             self.spec["rule"]["ferritin_threshold_ng_ml"],
             self.spec["rule"]["hla_dr_threshold_mab_per_cell"])
         out["status"] = status
@@ -209,10 +232,6 @@ class PackagedPhenotyper:
         return out
 
 
-def _numeric(cohort: pd.DataFrame, column: str) -> np.ndarray:
-    if column not in cohort:
-        return np.full(len(cohort), np.nan)
-    return pd.to_numeric(cohort[column], errors="coerce").to_numpy(dtype=float)
 
 
 def _top_drivers(chosen: np.ndarray, cohort: pd.DataFrame, features: list[str],

@@ -108,7 +108,7 @@ def main() -> None:
           "(a synthetic example):")
     print(f"  phenotype {row['phenotype']} (P = {row['prob_' + row['phenotype']]:.2f}); "
           f"ImmunoSep rule: {row['rule_phenotype']}; status {row['status']}")
-    print(f"  top drivers (log-odds): {row['top_drivers']}")
+    print(f"  top drivers (logit contributions): {row['top_drivers']}")
 
 
 if __name__ == "__main__":

@@ -177,13 +177,15 @@ def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: S
     register it; return the new version."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
-    # every panel column is accepted (the rule reads ferritin and HLA-DR even when the model
-    # does not use them), each optional, plus the model's extra features
+    # Every panel column is accepted (the rule reads ferritin and HLA-DR even when the model
+    # does not use them), each optional, plus the model's extra features. Types are left open:
+    # MLflow refuses int64 -> float64 ("6100" in JSON would be a 400), and the model itself
+    # checks every value and answers a bad one with that row's status.
     columns = [*PANEL, *(f for f in features if f not in PANEL)]
-    inputs = Schema([ColSpec("string", PATIENT_ID, required=False)] + [
-        ColSpec("string" if name == "sex" else "double", name, required=False)
-        for name in columns])
+    inputs = Schema([ColSpec(AnyType(), name, required=False)
+                     for name in (PATIENT_ID, *columns)])
     example = example_cohort[[PATIENT_ID, *(c for c in columns if c in example_cohort)]].head(3)
     output = PackagedPhenotyper(exported).predict(example)
     signature = ModelSignature(

@@ -141,3 +141,18 @@ def test_export_is_plain_data(cohorts, tmp_path) -> None:
     names = {p.name for p in (tmp_path / "trees").iterdir()} | {
         p.name for p in (tmp_path / "linear").iterdir()}
     assert names == {"phenotyper.json", "booster.ubj"}
+
+
+def test_odd_inputs_never_lose_the_batch(cohorts, tmp_path) -> None:
+    train, test = cohorts
+    packaged = _packaged(_fit("xgboost", train), tmp_path)
+    assert packaged.predict(test.head(0)).empty
+    rows = test.head(4).copy()
+    rows.loc[0, "ferritin_ng_ml"] = np.inf
+    rows.loc[1, "ferritin_ng_ml"] = -5.0
+    out = packaged.predict(rows)
+    assert len(out) == 4 and out.loc[[2, 3], "status"].eq(OK).all()
+    assert out.loc[[0, 1], "status"].str.contains("outside").all()
+    assert out.loc[[0, 1], "rule_phenotype"].isin(["indeterminate", "immunoparalysis",
+                                                   "unclassified"]).all()
+    assert out.loc[0, "rule_phenotype"] != "MALS"  # an infinite ferritin is not evidence
