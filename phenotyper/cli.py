@@ -141,7 +141,8 @@ def train(
     except (experiments.ExperimentError, CohortError, EvaluationError,
             simulator.PresetError) as error:
         exit_with_error(str(error))
-    _print_headline(outcome.result.benchmark)
+    shown = ["immunosep", *outcome.result.candidates, "champion"]
+    _print_headline(outcome.result.benchmark, shown)
     console = Console()
     verdict = "promoted to champion" if outcome.decision.promote else "not promoted"
     console.print(Text(
@@ -270,10 +271,12 @@ def _load_models(uris: list[str]) -> dict[str, object]:
     return models
 
 
-def _print_headline(result: Benchmark) -> None:
-    """The report's headline metrics for the terminal: a row per metric, a column per rule."""
+def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
+    """The report's headline metrics for the terminal: a row per metric, a column per
+    phenotyper (`only` those, when given: a terminal is narrower than the report)."""
     records = result.records[result.records.subgroup == "all"].set_index(["phenotyper", "metric"])
-    names = list(dict.fromkeys(records.index.get_level_values(0)))
+    names = [n for n in dict.fromkeys(records.index.get_level_values(0))
+             if only is None or n in only]
     table = Table(title=f"Benchmark against '{result.meta['label']}' "
                         f"({result.meta['n_patients']:,} patients, 95% bootstrap CI)")
     table.add_column("metric")
