@@ -33,33 +33,28 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model: str = DEFAULT_MODEL, cwd: Path | None = None,
-                   timeout_s: float = 120.0) -> Iterator[str]:
-    """`phenotyper serve` on a free loopback port; yields its URL and stops it afterwards."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "phenotyper"), "serve", "--model", model,
-         "--port", str(port)],
-        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+def running_service(command: list[str], health_url: str, cwd: Path | None = None,
+                    env: dict[str, str] | None = None, timeout_s: float = 120.0) -> Iterator[None]:
+    """Start a server process, wait until `health_url` answers 200, and stop it (its whole
+    process group) when the block ends."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                with urllib.request.urlopen(health_url, timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
                 if process.poll() is not None:
-                    raise RuntimeError("the scoring server stopped: "
+                    raise RuntimeError(f"{command[0]} stopped: "
                                        + process.stderr.read().decode()[-1500:]) from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"the scoring server did not answer in {timeout_s} s") from None
+                        f"{command[0]} did not answer in {timeout_s} s") from None
                 time.sleep(0.3)
-        yield url
+        yield
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -69,6 +64,19 @@ def running_server(model: str = DEFAULT_MODEL, cwd: Path | None = None,
                 os.killpg(process.pid, signal.SIGKILL)
         if process.stderr is not None:
             process.stderr.close()
+
+
+@contextmanager
+def running_server(model: str = DEFAULT_MODEL, cwd: Path | None = None,
+                   timeout_s: float = 120.0) -> Iterator[str]:
+    """`phenotyper serve` on a free loopback port; yields its URL and stops it afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "phenotyper"), "serve", "--model", model,
+               "--port", str(port)]
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    with running_service(command, f"{url}/ping", cwd=cwd, env=env, timeout_s=timeout_s):
+        yield url
 
 
 def post(url: str, body: bytes, timeout_s: float = 30.0) -> tuple[int, dict[str, Any]]:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -21,7 +18,7 @@ from typer.testing import CliRunner
 from phenotyper.cli import app
 from phenotyper.cohort import write_table
 from phenotyper.experiment import ExperimentError, ExperimentSpec, train
-from phenotyper.serving import free_port
+from phenotyper.serving import free_port, running_service
 from phenotyper.simulate import simulate
 from phenotyper.tracking import content_sha256
 
@@ -145,27 +142,9 @@ def mlflow_server(tmp_path: Path):
                "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                "--artifacts-destination", str(tmp_path / "artifacts")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
+    with running_service(command, f"{url}/health", timeout_s=90):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_training_against_a_live_tracking_server(
