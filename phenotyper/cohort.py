@@ -29,11 +29,13 @@ A mapping file (TOML) names the file's columns and units when they are not canon
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import re
 import tomllib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,51 +167,131 @@ class ColumnMapping:
 # --- reading --------------------------------------------------------------------------------
 
 
-def read_cohort(path: str | Path, mapping: str | Path | None = None) -> Cohort:
-    """Read a CSV/TSV/TXT or Parquet cohort file, optionally through a TOML mapping file."""
+BLOCK_ROWS = 100_000  # rows per block when streaming: memory stays flat whatever the file size
+
+
+@dataclass
+class _StreamState:
+    """What one block must know about the blocks before it."""
+
+    comma_columns: set[str] = field(default_factory=set)  # columns seen with a decimal comma
+    id_hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # sorted
+    id_first_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    offset: int = 0  # rows before this block
+
+
+@dataclass(frozen=True)
+class CohortFile:
+    """A cohort file opened for reading: header checked and columns resolved, rows not read yet.
+
+    `blocks()` reads it block by block, so a file of any size is read in flat memory; each
+    block is a `Cohort` whose issue rows are numbered in the whole file. A decimal comma seen in
+    a column decides ambiguous cells from that block on, and duplicate ids are found across
+    blocks (by a 64-bit hash of the id: a false match would take over 10^9 ids to be likely).
+    """
+
+    path: Path
+    mapping: ColumnMapping
+    sources: dict[str, ColumnSource]
+    delimiter: str | None  # None for Parquet
+    encoding: str = "utf-8"
+    leading_blank_lines: int = 0
+    block_rows: int = BLOCK_ROWS
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return {name: source.column for name, source in self.sources.items()}
+
+    @property
+    def units(self) -> dict[str, str]:
+        return {name: source.unit for name, source in self.sources.items() if name in PANEL}
+
+    def blocks(self) -> Iterator[Cohort]:
+        """The file's rows as canonical cohorts of at most `block_rows` rows, in file order."""
+        state = _StreamState()
+        for raw in self._raw_blocks():
+            yield _canonical(raw, self, state)
+            state.offset += len(raw)
+        if state.offset == 0:
+            raise CohortError(f"Cohort file {self.path} has no data rows; export the cohort "
+                              "again.")
+
+    def _raw_blocks(self) -> Iterator[pd.DataFrame]:
+        if self.delimiter is None:
+            return _parquet_blocks(self.path, self.block_rows)
+        return _without_trailing_blank_rows(_delimited_blocks(
+            self.path, self.delimiter, self.encoding, self.leading_blank_lines, self.block_rows))
+
+
+def open_cohort(path: str | Path, mapping: str | Path | None = None,
+                block_rows: int = BLOCK_ROWS) -> CohortFile:
+    """Open a CSV/TSV/TXT or Parquet cohort file for block-wise reading (whole-file checks)."""
     path = Path(path)
     column_mapping = read_mapping(mapping) if mapping is not None else ColumnMapping()
-    frame, delimiter = _read_table(path)
-    sources = _resolve_sources(path, [str(c) for c in frame.columns], column_mapping)
+    _check_path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        header, delimiter, encoding, leading = _parquet_header(path), None, "", 0
+    else:
+        delimiter, encoding, leading = _sniff_text(path)
+        header = _delimited_header(path, delimiter, encoding, leading)
+    sources = _resolve_sources(path, header, column_mapping)
     if not any(name in NUMERIC_MARKERS for name in sources):
-        raise CohortError(_no_marker_message(path, list(frame.columns)))
+        raise CohortError(_no_marker_message(path, header))
+    return CohortFile(path, column_mapping, sources, delimiter, encoding, leading, block_rows)
 
+
+def read_cohort(path: str | Path, mapping: str | Path | None = None) -> Cohort:
+    """Read a whole CSV/TSV/TXT or Parquet cohort file, optionally through a TOML mapping."""
+    opened = open_cohort(path, mapping)
+    blocks = list(opened.blocks())
+    if len(blocks) == 1:
+        return blocks[0]
+    return Cohort(
+        data=pd.concat([block.data for block in blocks], ignore_index=True),
+        issues=pd.concat([block.issues for block in blocks], ignore_index=True),
+        source=str(opened.path), columns=opened.columns, units=opened.units)
+
+
+def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> Cohort:
+    """One block of raw cells in canonical form, with its issues (rows numbered in the file)."""
     data: dict[str, object] = {}
     issue_parts: list[pd.DataFrame] = []
     for canonical in CANONICAL_COLUMNS:
-        source = sources.get(canonical)
+        source = opened.sources.get(canonical)
         if source is None:
             data[canonical] = (np.full(len(frame), np.nan) if canonical in NUMERIC_MARKERS
                                else pd.Series(np.nan, index=frame.index, dtype="str"))
             continue
         raw = frame[source.column]
         if canonical in NUMERIC_MARKERS:
-            values, parts = _read_marker(raw, PANEL[canonical], source,
-                                         column_mapping.decimal, delimiter == ";")
+            comma_seen = canonical in state.comma_columns
+            values, parts, comma = _read_marker(raw, PANEL[canonical], source,
+                                                opened.mapping.decimal, opened.delimiter == ";",
+                                                comma_seen)
+            if comma:
+                state.comma_columns.add(canonical)
         elif canonical == "sex":
             values, parts = _read_sex(raw, source)
         else:
-            values, parts = _read_id(raw, canonical, source)
+            values, parts = _read_id(raw, canonical, state)
         data[canonical] = values
         issue_parts.extend(
             part.assign(column=canonical, source_column=source.column,
                         column_order=CANONICAL_COLUMNS.index(canonical))
             for part in parts)
 
-    used = {source.column for source in sources.values()}
+    used = {source.column for source in opened.sources.values()}
     extras = {name: frame[name] for name in frame.columns if name not in used}
-    result = pd.DataFrame({**data, **extras}, index=pd.RangeIndex(len(frame)))
-    return Cohort(
-        data=result,
-        issues=_collect_issues(issue_parts),
-        source=str(path),
-        columns={name: source.column for name, source in sources.items()},
-        units={name: source.unit for name, source in sources.items() if name in PANEL},
-    )
+    index = pd.RangeIndex(len(frame))
+    result = pd.DataFrame({**data, **extras}, index=index)
+    issues = _collect_issues(issue_parts)
+    issues["row"] += state.offset
+    return Cohort(data=result, issues=issues, source=str(opened.path), columns=opened.columns,
+                  units=opened.units)
 
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, str | None]:
-    """The file as a DataFrame (CSV cells as text) and its delimiter (None for Parquet)."""
+def _check_path(path: Path) -> None:
+    """A readable cohort file of a supported type, or a CohortError that says what to do."""
     if not path.exists():
         nearby = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*")]
                                            if path.parent.is_dir() else [], n=3)
@@ -217,35 +299,42 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, str | None]:
         raise CohortError(f"Cohort file {path} does not exist.{hint}")
     if not path.is_file():
         raise CohortError(f"Cohort path {path} is not a file; give a CSV or Parquet file.")
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        frame, delimiter = _read_parquet(path), None
-    elif suffix in CSV_SUFFIXES:
-        frame, delimiter = _read_csv(path)
-    else:
+    if path.suffix.lower() not in (*PARQUET_SUFFIXES, *CSV_SUFFIXES):
         raise CohortError(
             f"Cohort file {path} has an unsupported type '{path.suffix}'. Export it as CSV "
             f"({', '.join(CSV_SUFFIXES)}) or Parquet ({', '.join(PARQUET_SUFFIXES)}).")
-    if frame.empty:
+
+
+def _parquet_error(path: Path, error: Exception) -> CohortError:
+    return CohortError(f"Cohort file {path} is not a readable Parquet file ({error}). "
+                       "Write it again, or export it as CSV.")
+
+
+def _parquet_header(path: Path) -> list[str]:
+    """Column names as the blocks will have them (a stored pandas index becomes column(s))."""
+    first = next(_parquet_blocks(path, 1), None)
+    if first is None:
         raise CohortError(f"Cohort file {path} has no data rows; export the cohort again.")
-    return frame, delimiter
+    return list(first.columns)
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
-    """A Parquet file with a fresh row index; a stored pandas index becomes column(s)."""
+def _parquet_blocks(path: Path, block_rows: int) -> Iterator[pd.DataFrame]:
+    """Record batches as frames with a fresh row index; a stored pandas index becomes
+    column(s)."""
     try:
-        frame = pd.read_parquet(path)
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=block_rows):
+            frame = pa.Table.from_batches([batch]).to_pandas()
+            if not isinstance(frame.index, pd.RangeIndex):
+                frame = frame.reset_index()
+            frame.columns = [str(name) for name in frame.columns]
+            yield frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
     except (pa.ArrowException, OSError, ValueError) as error:
-        raise CohortError(f"Cohort file {path} is not a readable Parquet file ({error}). "
-                          "Write it again, or export it as CSV.") from None
-    if not isinstance(frame.index, pd.RangeIndex):
-        frame = frame.reset_index()
-    frame.columns = [str(name) for name in frame.columns]
-    return frame.set_axis(pd.RangeIndex(len(frame)), axis=0)
+        raise _parquet_error(path, error) from None
 
 
-def _read_csv(path: Path) -> tuple[pd.DataFrame, str]:
-    """A delimited text file read entirely as text, after sniffing encoding and delimiter."""
+def _sniff_text(path: Path) -> tuple[str, str, int]:
+    """Delimiter, encoding and blank lines before the header of a delimited text file."""
     try:
         with path.open("rb") as handle:
             head = handle.read(_SNIFF_BYTES)
@@ -258,17 +347,26 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, str]:
         raise CohortError(f"Cohort file {path} is not a text file (an Excel workbook?). "
                           "Save it as CSV, or as Parquet with a .parquet name.")
     encoding = "utf-16" if utf16 else "utf-8-sig"
-    text = head.decode(encoding, errors="replace")
-    delimiter = _sniff_delimiter(text)
-    leading = _leading_blank_lines(text)
-    try:
-        return _read_delimited(path, delimiter, encoding, leading), delimiter
-    except UnicodeDecodeError:
+    if not _decodes(path, encoding):
         if utf16:
             raise CohortError(f"Cohort file {path} is not valid UTF-16 text; export it "
-                              "again as UTF-8 CSV.") from None
-    # not UTF-8: most likely a Windows export; latin-1 decodes any byte sequence
-    return _read_delimited(path, delimiter, "latin-1", leading), delimiter
+                              "again as UTF-8 CSV.")
+        encoding = "latin-1"  # most likely a Windows export; latin-1 decodes any byte sequence
+    text = head.decode(encoding, errors="replace")
+    return _sniff_delimiter(text), encoding, _leading_blank_lines(text)
+
+
+def _decodes(path: Path, encoding: str, piece_bytes: int = 1 << 24) -> bool:
+    """Whether the whole file decodes (checked before streaming: no block is read twice)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        with path.open("rb") as handle:
+            while piece := handle.read(piece_bytes):
+                decoder.decode(piece)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _leading_blank_lines(text: str) -> int:
@@ -277,21 +375,32 @@ def _leading_blank_lines(text: str) -> int:
     return len(re.findall(r"\r\n|\r|\n", blank.group(0))) if blank else 0
 
 
-def _read_delimited(path: Path, delimiter: str, encoding: str, leading: int = 0
-                    ) -> pd.DataFrame:
-    """Every cell as text, no NA conversion; a ragged table is a CohortError.
+def _delimited_header(path: Path, delimiter: str, encoding: str, leading: int) -> list[str]:
+    try:
+        header = pd.read_csv(path, sep=delimiter, dtype=str, nrows=0, index_col=False,
+                             encoding=encoding, skiprows=leading)
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"Cohort file {path} is empty; export the cohort again.") from None
+    return [str(name) for name in header.columns]
 
-    Skips `leading` blank lines before the header; blank lines after it are all-empty rows
-    (so row numbers match the file), except those at the end, which are dropped.
+
+def _delimited_blocks(path: Path, delimiter: str, encoding: str, leading: int, block_rows: int
+                      ) -> Iterator[pd.DataFrame]:
+    """Every cell as text, no NA conversion, `block_rows` rows at a time; a ragged table is
+    a CohortError.
+
+    Skips `leading` blank lines before the header; blank lines after it are all-empty rows, so
+    row numbers match the file.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            frame = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False,
-                                na_filter=False, index_col=False, encoding=encoding,
-                                skip_blank_lines=False, skiprows=leading)
-    except pd.errors.EmptyDataError:
-        raise CohortError(f"Cohort file {path} is empty; export the cohort again.") from None
+            with pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False,
+                             na_filter=False, index_col=False, encoding=encoding,
+                             skip_blank_lines=False, skiprows=leading,
+                             chunksize=block_rows) as reader:
+                for frame in reader:
+                    yield frame.fillna("")
     except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
         name = "tab" if delimiter == "\t" else f"'{delimiter}'"
         where = re.search(r"Expected \d+ fields in line \d+, saw \d+", str(error))
@@ -300,23 +409,6 @@ def _read_delimited(path: Path, delimiter: str, encoding: str, leading: int = 0
             f"fields than the header ({where.group(0) if where else 'from the first row on'})."
             " Check the delimiter and quoting (in a comma-delimited file, decimal commas must "
             "be quoted).") from None
-    return _without_trailing_blank_rows(frame.fillna(""))
-
-
-def _without_trailing_blank_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame up to its last row with a non-blank cell (looks only at the tail)."""
-    end, size = len(frame), 16
-    while end:
-        start = max(0, end - size)
-        filled = np.zeros(end - start, dtype=bool)
-        for position in range(frame.shape[1]):
-            cells = frame.iloc[start:end, position].str.strip()
-            filled |= cells.ne("").to_numpy(dtype=bool)
-        if filled.any():
-            end = start + int(np.flatnonzero(filled)[-1]) + 1
-            break
-        end, size = start, size * 2
-    return frame if end == len(frame) else frame.iloc[:end]
 
 
 def _sniff_delimiter(head: str) -> str:
@@ -335,6 +427,37 @@ def _sniff_delimiter(head: str) -> str:
 
     best = max(_DELIMITERS, key=score)
     return best if score(best)[0] else ","
+
+
+def _without_trailing_blank_rows(blocks: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Text blocks without the empty rows after the file's last non-empty row (not data).
+
+    Blank rows at the end of a block are held back until a later block shows whether any
+    data follows them; row positions are renumbered from 0 in each block.
+    """
+    pending: pd.DataFrame | None = None
+    for frame in blocks:
+        if pending is not None and len(pending):
+            frame = pd.concat([pending, frame], ignore_index=True)
+        end = _filled_length(frame)
+        if end:
+            yield frame.iloc[:end].reset_index(drop=True)
+        pending = frame.iloc[end:]
+
+
+def _filled_length(frame: pd.DataFrame) -> int:
+    """The number of rows up to and including the last row with a non-blank cell."""
+    end, size = len(frame), 16
+    while end:
+        start = max(0, end - size)
+        filled = np.zeros(end - start, dtype=bool)
+        for position in range(frame.shape[1]):
+            cells = frame.iloc[start:end, position].str.strip()
+            filled |= cells.ne("").to_numpy(dtype=bool)
+        if filled.any():
+            return start + int(np.flatnonzero(filled)[-1]) + 1
+        end, size = start, size * 2
+    return 0
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -630,15 +753,18 @@ class _Numbers:
     other: np.ndarray  # the reading not taken for an ambiguous separator, else NaN
     ambiguous: np.ndarray  # int8: 0, _COMMA or _DOT
     reason: dict[int, str]  # _COMMA/_DOT -> why such cells were read as they were
+    comma_evidence: bool = False  # the column (so far) has decimal-comma values
 
 
-def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool) -> _Numbers:
+def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool,
+                   comma_seen: bool = False) -> _Numbers:
     """Parse stripped cell texts: fast Arrow cast of plain numbers, regex forms for the rest.
 
     A lone separator followed by exactly three digits ("4,420", "4.420") can be a decimal mark
     or a thousands separator. `decimal` (from the mapping) decides; in auto mode the decimal
     mark is a comma in ';'-delimited files (the convention of decimal-comma locales) and in
-    columns with other decimal-comma values, so there "4,420" is 4.42 and "4.420" is 4420;
+    columns with other decimal-comma values (in this block or, `comma_seen`, an earlier one),
+    so there "4,420" is 4.42 and "4.420" is 4420;
     elsewhere a comma groups thousands and a dot is a decimal point (not flagged). Each cell
     read in auto mode with a comma, or with a dot under the decimal-comma convention, is an
     `ambiguous_separator` issue.
@@ -655,7 +781,7 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool) -> _Nu
     value[rest], code[rest] = messy["value"], messy["code"]
 
     auto = decimal is None
-    evidence = bool(np.isin(messy["form"], _COMMA_EVIDENCE).any())
+    evidence = comma_seen or bool(np.isin(messy["form"], _COMMA_EVIDENCE).any())
     comma_decimal = decimal == "," or (auto and (semicolon or evidence))
     dot_grouping = comma_decimal  # a decimal-comma writer groups thousands with dots
     comma = messy["form"] == _FORM_CODE["ambiguous_comma"]
@@ -682,7 +808,7 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool) -> _Nu
         else "comma read as thousands separator: no value in this column uses a decimal comma",
         _DOT: f"dot read as thousands separator: {because}",
     }
-    return _Numbers(value, code, other, ambiguous, reason)
+    return _Numbers(value, code, other, ambiguous, reason, evidence)
 
 
 def _parse_messy(text: pd.Series) -> dict[str, np.ndarray]:
@@ -728,14 +854,16 @@ def _parse_messy(text: pd.Series) -> dict[str, np.ndarray]:
 
 
 def _read_marker(raw: pd.Series, marker: Marker, source: ColumnSource, decimal: str | None,
-                 semicolon: bool) -> tuple[np.ndarray, list[pd.DataFrame]]:
-    """One numeric marker in canonical units, and its issues (without column names)."""
+                 semicolon: bool, comma_seen: bool = False
+                 ) -> tuple[np.ndarray, list[pd.DataFrame], bool]:
+    """One numeric marker in canonical units, its issues (without column names), and
+    whether the column has shown a decimal comma so far."""
     n = len(raw)
     if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
         numbers = _Numbers(raw.to_numpy(dtype="float64", na_value=np.nan),
                            np.zeros(n, np.int8), np.full(n, np.nan), np.zeros(n, np.int8), {})
     else:
-        numbers = _parse_numbers(_text(raw), decimal, semicolon)
+        numbers = _parse_numbers(_text(raw), decimal, semicolon, comma_seen)
     value = numbers.value * source.factor
     code = numbers.code
     with np.errstate(invalid="ignore"):
@@ -755,7 +883,7 @@ def _read_marker(raw: pd.Series, marker: Marker, source: ColumnSource, decimal: 
                                 unsettled)
         parts.append(_issues(rows, raw, kind, detail))
     value[(code >= _CODE[UNPARSEABLE]) | unsettled] = np.nan
-    return value, parts
+    return value, parts, numbers.comma_evidence
 
 
 def _unsettled(value: np.ndarray, code: np.ndarray, marker: Marker) -> np.ndarray:
@@ -827,17 +955,23 @@ def _read_sex(raw: pd.Series, source: ColumnSource) -> tuple[pd.Series, list[pd.
     return sex, [_issues(unknown, raw, UNKNOWN_CATEGORY, detail)]
 
 
-def _read_id(raw: pd.Series, canonical: str, source: ColumnSource
+def _read_id(raw: pd.Series, canonical: str, state: _StreamState
              ) -> tuple[pd.Series, list[pd.DataFrame]]:
-    """An identifier as text; for patient_id, missing and repeated ids are issues."""
+    """An identifier as text; for patient_id, missing and repeated ids are issues (repeats
+    of an id in an earlier block too, which `state` remembers)."""
     text = _text(raw)
     ids = text.where(~_is_missing(text)).astype("str")
     if canonical != PATIENT_ID:
         return ids, []
     missing = np.flatnonzero(ids.isna().to_numpy())
-    codes = pd.factorize(ids)[0]  # -1 for missing ids
-    positions = np.arange(len(ids))
-    first = pd.Series(positions).groupby(codes).transform("min").to_numpy()
+    codes, uniques = pd.factorize(ids)  # -1 for missing ids; codes in order of appearance
+    positions = np.arange(len(ids)) + state.offset
+    first = np.full(len(ids), -1)
+    if len(uniques):
+        seen_codes, first_index = np.unique(codes, return_index=True)
+        first_of_code = _first_rows(state, pd.util.hash_array(uniques.to_numpy(dtype=object)),
+                                    positions[first_index[seen_codes >= 0]])
+        first = np.where(codes >= 0, first_of_code[np.maximum(codes, 0)], -1)
     duplicate = np.flatnonzero((codes >= 0) & (first != positions))
     return ids, [
         _issues(missing, raw, MISSING_ID,
@@ -845,6 +979,22 @@ def _read_id(raw: pd.Series, canonical: str, source: ColumnSource
         _issues(duplicate, raw, DUPLICATE_ID,
                 "same patient_id as row " + pd.Series(first[duplicate] + 1).astype("str")),
     ]
+
+
+def _first_rows(state: _StreamState, hashes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The file row where each id (by hash) first appeared: an earlier block's, else `rows`;
+    remembers the new ones."""
+    at = np.searchsorted(state.id_hashes, hashes)
+    known = at < len(state.id_hashes)
+    known[known] = state.id_hashes[at[known]] == hashes[known]
+    first = np.where(known, state.id_first_rows[np.minimum(at, len(state.id_hashes) - 1)]
+                     if len(state.id_hashes) else rows, rows)
+    new = np.flatnonzero(~known)
+    order = new[np.argsort(hashes[new], kind="stable")]
+    where = np.searchsorted(state.id_hashes, hashes[order])
+    state.id_hashes = np.insert(state.id_hashes, where, hashes[order])
+    state.id_first_rows = np.insert(state.id_first_rows, where, rows[order])
+    return first
 
 
 def _issues(rows: np.ndarray, raw: pd.Series, kind: str, detail: pd.Series) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from phenotyper.cohort import (
     ISSUE_COLUMNS,
     CohortError,
+    open_cohort,
     quality_report,
     read_cohort,
 )
@@ -500,7 +501,7 @@ def test_error_missing_file_suggests_a_near_name(tmp_path):
     ("cohort.xlsx", "x", r"unsupported type '\.xlsx'.*CSV"),
     ("cohort.csv", "", r"is empty"),
     ("cohort.csv", "crp_mg_l,sofa\n", r"no data rows"),
-    ("cohort.csv", "a,b\n1,2\n3,4,5\n", r"more fields than the header"),
+    ("cohort.csv", "ferritin_ng_ml,b\n1,2\n3,4,5\n", r"more fields than the header"),
     ("cohort.parquet", "not parquet at all", r"not a readable Parquet file"),
 ])
 def test_errors_for_unreadable_files(tmp_path, name, content, pattern):
@@ -745,3 +746,64 @@ def test_blank_lines_keep_row_numbers_in_a_semicolon_utf16_file(tmp_path):
     cohort = read_cohort(path)
     assert len(cohort.data) == 4
     assert cohort.issues[cohort.issues["kind"] == "unparseable"]["row"].tolist() == [4]
+
+
+# --- reading in blocks ----------------------------------------------------------------------
+
+MESSY_ROWS = [
+    "patient_id,ferritin_ng_ml,hla_dr_mab_per_cell,sex,crp_mg_l,note",
+    "p1,6100,<1500,F,120,a",
+    "p2,>2000,9000,male,n/a,b",
+    ",abc,4000,x,-3,c",
+    "",
+    "p1,1.5e4,2000,M,300,d",
+    "p3,\"4,420\",1200,1,<0.5,e",
+    "",
+    "p2,900,,f,40,f",
+    "p4,700,7000,F,55,g",
+    "",
+    "",
+]
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 3, 4, 7])
+def test_reading_in_blocks_gives_the_same_cohort_as_reading_whole(tmp_path, block_rows):
+    path = write(tmp_path, "\n".join(MESSY_ROWS) + "\n")
+    whole = read_cohort(path)
+    opened = open_cohort(path, block_rows=block_rows)
+    blocks = list(opened.blocks())
+    # a blank row at a block's end waits for the next block (it may be the file's tail)
+    assert all(len(block.data) <= block_rows + 1 for block in blocks)
+    data = pd.concat([block.data for block in blocks], ignore_index=True)
+    issues = pd.concat([block.issues for block in blocks], ignore_index=True)
+    assert len(data) == 9  # trailing blank lines are not rows; inner ones are
+    pd.testing.assert_frame_equal(data, whole.data)
+    pd.testing.assert_frame_equal(issues, whole.issues)
+    duplicates = issues[issues["kind"] == "duplicate_id"]
+    assert duplicates["row"].tolist() == [5, 8]
+    assert duplicates["detail"].tolist() == ["same patient_id as row 1", "same patient_id as row 2"]
+
+
+def test_a_decimal_comma_seen_in_an_earlier_block_decides_later_ambiguous_cells(tmp_path):
+    path = write(tmp_path, 'ferritin_ng_ml\n"4,5"\n"4,420"\n')
+    blocks = list(open_cohort(path, block_rows=1).blocks())
+    assert blocks[1].data["ferritin_ng_ml"].iloc[0] == pytest.approx(4.42)
+    assert blocks[1].issues["row"].tolist() == [2]
+
+
+def test_whole_file_problems_are_found_when_the_file_is_opened(tmp_path):
+    path = write(tmp_path, "a,b\n1,2\n")
+    with pytest.raises(CohortError, match="no recognised marker column"):
+        open_cohort(path)
+
+
+def test_parquet_is_read_in_blocks_with_a_stored_index_as_a_column(tmp_path):
+    frame = pd.DataFrame({"ferritin_ng_ml": [100.0, 200.0, 300.0]},
+                         index=pd.Index(["a", "b", "c"], name="mrn"))
+    path = tmp_path / "cohort.parquet"
+    frame.to_parquet(path)
+    blocks = list(open_cohort(path, block_rows=2).blocks())
+    assert [len(block.data) for block in blocks] == [2, 1]
+    data = pd.concat([block.data for block in blocks], ignore_index=True)
+    assert data["mrn"].tolist() == ["a", "b", "c"]
+    assert data["ferritin_ng_ml"].tolist() == [100.0, 200.0, 300.0]
