@@ -12,7 +12,7 @@ setup: $(VENV)/.synced
 $(VENV)/.synced: pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(BIN)/uv sync --locked --inexact --quiet
+	$(BIN)/uv sync --locked --inexact --extra spark --quiet
 	touch $@
 
 demo: setup

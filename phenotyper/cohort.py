@@ -135,7 +135,8 @@ class Cohort:
     the file lacks it; markers float64 in panel units, sex "F"/"M", ids as strings), then the
     file's other columns unchanged. `issues` lists problem cells (`ISSUE_COLUMNS`, 1-based
     data row numbers). `columns` maps each canonical column found to its source column and
-    `units` each marker to the unit its source was in.
+    `units` each marker to the unit its source was in. `first_row` is the file row number of
+    `data`'s first row (above 1 for a later block of a file read in blocks).
     """
 
     data: pd.DataFrame
@@ -143,6 +144,7 @@ class Cohort:
     source: str = ""
     columns: dict[str, str] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
+    first_row: int = 1
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ class CohortFile:
     path: Path
     mapping: ColumnMapping
     sources: dict[str, ColumnSource]
+    header: tuple[str, ...]  # the file's column names
     delimiter: str | None  # None for Parquet
     encoding: str = "utf-8"
     leading_blank_lines: int = 0
@@ -237,7 +240,8 @@ def open_cohort(path: str | Path, mapping: str | Path | None = None,
     sources = _resolve_sources(path, header, column_mapping)
     if not any(name in NUMERIC_MARKERS for name in sources):
         raise CohortError(_no_marker_message(path, header))
-    return CohortFile(path, column_mapping, sources, delimiter, encoding, leading, block_rows)
+    return CohortFile(path, column_mapping, sources, tuple(header), delimiter, encoding, leading,
+                      block_rows)
 
 
 def read_cohort(path: str | Path, mapping: str | Path | None = None) -> Cohort:
@@ -287,7 +291,7 @@ def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> 
     issues = _collect_issues(issue_parts)
     issues["row"] += state.offset
     return Cohort(data=result, issues=issues, source=str(opened.path), columns=opened.columns,
-                  units=opened.units)
+                  units=opened.units, first_row=state.offset + 1)
 
 
 def _check_path(path: Path) -> None:

@@ -81,7 +81,9 @@ def export(model: Any, folder: Path) -> Path:
 class PackagedPhenotyper:
     """Scores cohorts from an exported folder: phenotype, probabilities, rule, explanations."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, threads: int = 1) -> None:
+        """`threads`: XGBoost threads per call (1 suits a server's many small requests;
+        batch scoring uses every core)."""
         folder = Path(folder)
         self.spec = json.loads((folder / SPEC_FILE).read_text())
         if self.spec.get("format_version") != FORMAT_VERSION:
@@ -94,7 +96,7 @@ class PackagedPhenotyper:
 
             self.booster = xgboost.Booster()
             self.booster.load_model(str(folder / self.spec["booster"]))
-            self.booster.set_param({"nthread": 1})
+            self.booster.set_param({"nthread": threads})
 
     # --- features -------------------------------------------------------------------------
 
@@ -232,22 +234,26 @@ class PackagedPhenotyper:
         return out
 
 
-
-
 def _top_drivers(chosen: np.ndarray, cohort: pd.DataFrame, features: list[str],
-                 ok: np.ndarray, count: int = 3) -> list[str]:
-    """'ferritin_ng_ml=9120 (+2.41), platelets_10e9_l=48 (+0.93), ...' per row."""
+                 ok: np.ndarray, count: int = 3) -> np.ndarray:
+    """'ferritin_ng_ml=9120.0 (+2.41), platelets_10e9_l=48.0 (+0.93), ...' per row.
+
+    Built column-wise: only the cells that are some row's top driver are formatted.
+    """
+    n = len(chosen)
     order = np.argsort(-np.abs(np.nan_to_num(chosen)), axis=1)[:, :count]
-    lines = []
-    for row in range(len(chosen)):
-        if not ok[row]:
-            lines.append("")
-            continue
-        parts = []
-        for f in order[row]:
-            name = features[f]
-            value = cohort[name].iloc[row] if name in cohort else None
-            shown = "missing" if value is None or pd.isna(value) else f"{value}"
-            parts.append(f"{name}={shown} ({chosen[row, f]:+.2f})")
-        lines.append(", ".join(parts))
-    return lines
+    rows = np.arange(n)
+    names = np.array(features, dtype=object)
+    joined = pd.Series("", index=rows, dtype=object)
+    for rank in range(order.shape[1]):
+        feature = order[:, rank]
+        shown = np.full(n, "missing", dtype=object)
+        for f in np.unique(feature):
+            if names[f] in cohort:
+                where = np.flatnonzero(feature == f)
+                cells = cohort[names[f]].iloc[where]
+                shown[where] = np.where(cells.isna(), "missing", cells.astype(str))
+        part = (pd.Series(names[feature]) + "=" + pd.Series(shown) + " ("
+                + pd.Series(chosen[rows, feature]).map("{:+.2f}".format) + ")")
+        joined = part if rank == 0 else joined + ", " + part
+    return np.where(ok, joined.to_numpy(dtype=object), "")

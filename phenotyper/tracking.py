@@ -54,10 +54,29 @@ def champion_version(name: str) -> str | None:
         return None
 
 
-def load_packaged(uri: str) -> PackagedPhenotyper:
-    """The packaged phenotyper inside a registered pyfunc model (for plots and explanations)."""
+def load_packaged(uri: str, threads: int = 1) -> PackagedPhenotyper:
+    """The packaged phenotyper inside a registered pyfunc model (plots, explanations, batch
+    scoring in this process)."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    return PackagedPhenotyper(local / "artifacts" / pyfunc_model.ARTIFACT)
+    return PackagedPhenotyper(local / "artifacts" / pyfunc_model.ARTIFACT, threads=threads)
+
+
+def describe_model(uri: str) -> dict[str, str | None]:
+    """The registered name, version and run id behind a model URI (for scoring manifests)."""
+    info: dict[str, str | None] = {"uri": uri, "name": None, "version": None, "run_id": None}
+    client = MlflowClient()
+    if uri.startswith("models:/"):
+        reference = uri.removeprefix("models:/").rstrip("/")
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = reference.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        info.update(name=version.name, version=str(version.version), run_id=version.run_id)
+    elif uri.startswith("runs:/"):
+        info["run_id"] = uri.removeprefix("runs:/").split("/", 1)[0]
+    return info
 
 
 def load_model(uri: str) -> PyfuncPhenotyper:

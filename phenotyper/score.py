@@ -1,0 +1,387 @@
+"""Batch scoring of retrospective cohorts: streamed, nothing lost, written atomically.
+
+A cohort file is read block by block through the cohort reader (mappings, units, messy cells),
+each block is scored by the packaged model loaded once, and the blocks are written to one
+Parquet or CSV file that appears at its destination only when complete. Every input row gives
+one output row, in input order, with its file row number (`row`, as the reader numbers issues)
+and a `status`: `ok`, or why the model did not score it. A value the reader rejected
+(unparseable, negative, implausible, an unknown code) in a feature the model uses stops the
+model scoring that row, as the scoring server does; the ImmunoSep rule still answers from the
+markers it can read. Problems that leave the row scorable (censored values kept at a bound,
+ambiguous separators, missing or repeated ids) are listed in `issues`.
+
+Engines: `local` scores in this process; `spark` runs the same model through
+`mlflow.pyfunc.spark_udf` (see `phenotyper.spark_engine`). Reading, row checks, the summary
+and the output file are shared, so the engines differ only in where the model runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from phenotyper.cohort import (
+    BLOCK_ROWS,
+    IMPLAUSIBLE,
+    NEGATIVE,
+    PARQUET_SUFFIXES,
+    UNKNOWN_CATEGORY,
+    UNPARSEABLE,
+    Cohort,
+    open_cohort,
+)
+from phenotyper.files import atomic_path, write_bytes_atomic
+from phenotyper.packaged import EXPLAIN_MODES, OK, PackagedPhenotyper
+from phenotyper.panel import PATIENT_ID, SITE_ID
+from phenotyper.rules import INDETERMINATE
+
+ENGINES = ("local", "spark")
+ROW = "row"
+ISSUES = "issues"
+NOT_SCORED = "not scored"
+# Reader issues that reject a value: in a model feature, the model does not score the row.
+REJECTING = (UNPARSEABLE, NEGATIVE, IMPLAUSIBLE, UNKNOWN_CATEGORY)
+MODEL_REJECTED = "rejected_by_model"  # a value the model's own checks refused
+PROBABILITY_BINS = 20
+EXAMPLES = 20  # rows listed per table in the manifest and report
+
+
+class ScoringError(Exception):
+    """A problem with the request (paths, engine, options): the message says how to fix it."""
+
+
+# --- the output contract ----------------------------------------------------------------------
+
+
+def output_schema(model: PackagedPhenotyper, explain: str) -> pa.Schema:
+    """The output columns and their types for a model and explanation mode (both engines)."""
+    if explain not in EXPLAIN_MODES:
+        raise ScoringError(f"explain must be one of {', '.join(EXPLAIN_MODES)}, not {explain!r}.")
+    fields = [pa.field(ROW, pa.int64()), pa.field(PATIENT_ID, pa.string()),
+              pa.field(SITE_ID, pa.string()), pa.field("phenotype", pa.string())]
+    fields += [pa.field(f"prob_{name}", pa.float64()) for name in model.classes]
+    fields += [pa.field(name, pa.string()) for name in ("rule_phenotype", "status", ISSUES)]
+    if explain != "none":
+        fields += [pa.field("shap_base", pa.float64())]
+        fields += [pa.field(f"shap_{name}", pa.float64()) for name in model.features]
+        if explain == "all":
+            for label in model.classes:
+                fields.append(pa.field(f"shap_base_{label}", pa.float64()))
+                fields += [pa.field(f"shap_{label}_{name}", pa.float64())
+                           for name in model.features]
+        fields.append(pa.field("top_drivers", pa.string()))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class RowChecks:
+    """What the reader found in each row of a block: status, its kind, and other issues."""
+
+    status: np.ndarray  # "ok" or why the model does not score the row
+    kind: np.ndarray  # "ok" or the issue kind behind the status
+    issues: np.ndarray  # the reader's other findings, "" if none
+
+
+def row_checks(block: Cohort, features: list[str]) -> RowChecks:
+    """Per-row status from the reader's issues: rejected model features stop scoring."""
+    n = len(block.data)
+    status = np.full(n, OK, dtype=object)
+    kind = np.full(n, OK, dtype=object)
+    issues = np.full(n, "", dtype=object)
+    table = block.issues
+    if len(table):
+        position = table["row"].to_numpy() - block.first_row
+        shown = (table["column"] + " " + table["value"].map(repr) + ": "
+                 + table["detail"].str.replace("; set to missing", "", regex=False))
+        rejects = (table["kind"].isin(REJECTING) & table["column"].isin(features)).to_numpy()
+        for rows, target in ((rejects, status), (~rejects, issues)):
+            if rows.any():
+                joined = shown[rows].groupby(position[rows]).agg("; ".join)
+                target[joined.index.to_numpy()] = joined.to_numpy()
+        if rejects.any():
+            first_kind = table["kind"][rejects].groupby(position[rejects]).first()
+            kind[first_kind.index.to_numpy()] = first_kind.to_numpy()
+            status[first_kind.index.to_numpy()] = (
+                NOT_SCORED + ": " + status[first_kind.index.to_numpy()].astype(str))
+    return RowChecks(status, kind, issues)
+
+
+@dataclass(frozen=True)
+class ScoredBlock:
+    """One block of output in contract form, and the kind behind each row's status."""
+
+    frame: pd.DataFrame
+    status_kind: np.ndarray  # "ok", a reader issue kind, or MODEL_REJECTED
+
+
+def finish(scored: pd.DataFrame, block: Cohort, checks: RowChecks, schema: pa.Schema
+           ) -> ScoredBlock:
+    """The model's output for a block in contract form: reader-rejected rows unscored, the
+    row number, site and issues added, columns in schema order."""
+    out = scored.reset_index(drop=True).copy()
+    rejected = checks.status != OK
+    model_status = out["status"].to_numpy(dtype=object)
+    out["status"] = np.where(rejected, checks.status, model_status)
+    unscored = rejected | (model_status != OK)
+    if rejected.any():
+        out.loc[rejected, "phenotype"] = None
+        numeric = [f.name for f in schema if f.name.startswith(("prob_", "shap_"))]
+        out.loc[rejected, numeric] = np.nan
+        if "top_drivers" in out:
+            out.loc[rejected, "top_drivers"] = ""
+    out[ROW] = np.arange(block.first_row, block.first_row + len(out), dtype=np.int64)
+    out[PATIENT_ID] = block.data[PATIENT_ID].to_numpy(dtype=object)
+    out[SITE_ID] = block.data[SITE_ID].to_numpy(dtype=object)
+    out[ISSUES] = checks.issues
+    kind = np.where(rejected, checks.kind, np.where(unscored, MODEL_REJECTED, OK))
+    return ScoredBlock(out[schema.names], kind)
+
+
+# --- summary: what the manifest and report say about the whole output -------------------------
+
+
+@dataclass
+class ScoreSummary:
+    """Counts accumulated block by block, so a summary of any size costs flat memory."""
+
+    classes: list[str]
+    features: list[str]
+    rows: int = 0
+    by_status: Counter = field(default_factory=Counter)
+    phenotypes: Counter = field(default_factory=Counter)
+    rule: Counter = field(default_factory=Counter)
+    agreement: Counter = field(default_factory=Counter)  # (rule, model) -> rows
+    agreement_rows: dict = field(default_factory=dict)  # (rule, model) -> first row numbers
+    sites: dict = field(default_factory=dict)  # site -> Counter of phenotypes
+    histograms: dict = field(default_factory=dict)  # class -> counts per probability bin
+    shap_abs_sum: np.ndarray | None = None
+    explained: int = 0
+    unscored_examples: list = field(default_factory=list)
+    issue_rows: int = 0
+
+    def add(self, out: pd.DataFrame, status_kind: np.ndarray) -> None:
+        self.rows += len(out)
+        self.by_status.update(status_kind.tolist())
+        model = out["phenotype"].fillna(NOT_SCORED).to_numpy(dtype=object)
+        rule = out["rule_phenotype"].fillna(INDETERMINATE).to_numpy(dtype=object)
+        self.phenotypes.update(model.tolist())
+        self.rule.update(rule.tolist())
+        pairs = pd.DataFrame({"rule": rule, "model": model, ROW: out[ROW].to_numpy()})
+        for (rule_name, model_name), rows in pairs.groupby(["rule", "model"], sort=False)[ROW]:
+            self.agreement[(rule_name, model_name)] += len(rows)
+            known = self.agreement_rows.setdefault((rule_name, model_name), [])
+            known.extend(rows.head(5 - len(known)).tolist())
+        site = out[SITE_ID].fillna("(no site)").to_numpy(dtype=object)
+        for (site_name, model_name), count in pd.Series(model).groupby(
+                [site, model]).size().items():
+            self.sites.setdefault(site_name, Counter())[model_name] += int(count)
+        scored = (status_kind == OK)
+        edges = np.linspace(0, 1, PROBABILITY_BINS + 1)
+        for name in self.classes:
+            counts, _ = np.histogram(out[f"prob_{name}"].to_numpy()[scored], bins=edges)
+            self.histograms[name] = self.histograms.get(name, 0) + counts
+        shap_columns = [f"shap_{name}" for name in self.features]
+        if all(column in out for column in shap_columns):
+            values = np.abs(out.loc[scored, shap_columns].to_numpy(dtype=float))
+            total = np.nansum(values, axis=0)
+            self.shap_abs_sum = total if self.shap_abs_sum is None else self.shap_abs_sum + total
+            self.explained += int(scored.sum())
+        if len(self.unscored_examples) < EXAMPLES and not scored.all():
+            rows = out.loc[~scored, [ROW, PATIENT_ID, "status"]].head(
+                EXAMPLES - len(self.unscored_examples))
+            self.unscored_examples += [
+                {"row": int(r), "patient_id": p if isinstance(p, str) else None, "status": s}
+                for r, p, s in rows.itertuples(index=False)]
+        self.issue_rows += int((out[ISSUES] != "").sum())
+
+    def mean_abs_shap(self) -> dict[str, float]:
+        """Mean |contribution| to the predicted class's logit per feature, largest first."""
+        if self.shap_abs_sum is None or not self.explained:
+            return {}
+        means = self.shap_abs_sum / self.explained
+        order = np.argsort(-means)
+        return {self.features[i]: float(means[i]) for i in order}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for the manifest (JSON)."""
+        return {
+            "rows_by_status": dict(self.by_status.most_common()),
+            "phenotype_counts": dict(self.phenotypes.most_common()),
+            "rule_phenotype_counts": dict(self.rule.most_common()),
+            "model_vs_rule": [{"rule": r, "model": m, "rows": n,
+                               "example_rows": self.agreement_rows[(r, m)]}
+                              for (r, m), n in sorted(self.agreement.items())],
+            "rows_with_issues": self.issue_rows,
+            "unscored_examples": self.unscored_examples,
+            "mean_abs_shap": self.mean_abs_shap(),
+        }
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What to score, with what, and where the results go."""
+
+    model_uri: str
+    input_path: Path
+    output_path: Path
+    mapping_path: Path | None = None
+    explain: str = "predicted"
+    engine: str = "local"
+    report_path: Path | None = None
+    block_rows: int = BLOCK_ROWS
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.output_path.with_name(self.output_path.name + ".manifest.json")
+
+
+@dataclass
+class Timer:
+    """Seconds spent per stage."""
+
+    seconds: Counter = field(default_factory=Counter)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+def check_request(request: ScoreRequest) -> None:
+    """Refuse a request that would fail late or destroy data, before any work is done."""
+    if request.engine not in ENGINES:
+        raise ScoringError(f"--engine must be one of {', '.join(ENGINES)}, not "
+                           f"{request.engine!r}.")
+    if request.explain not in EXPLAIN_MODES:
+        raise ScoringError(f"--explain must be one of {', '.join(EXPLAIN_MODES)}, not "
+                           f"{request.explain!r}.")
+    suffix = request.output_path.suffix.lower()
+    if suffix not in (*PARQUET_SUFFIXES, ".csv"):
+        raise ScoringError(f"Cannot write {request.output_path}: name the output .parquet or "
+                           f".csv (got '{request.output_path.suffix or 'no suffix'}').")
+    inputs = request.input_path.resolve()
+    for name, path in (("output", request.output_path), ("report", request.report_path),
+                       ("manifest", request.manifest_path)):
+        if path is not None and path.resolve() == inputs:
+            raise ScoringError(f"The {name} path {path} is the input file; choose another "
+                               "name so the input is kept.")
+    if request.report_path is not None and request.report_path.suffix.lower() not in (
+            ".html", ".htm"):
+        raise ScoringError(f"Cannot write the report to {request.report_path}: name it "
+                           ".html.")
+
+
+def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = None
+               ) -> dict[str, Any]:
+    """Score a cohort file into one output file with a manifest (and report); returns the
+    manifest. Nothing reaches the destinations unless the whole run succeeds."""
+    from phenotyper import tracking
+
+    check_request(request)
+    timer = Timer()
+    started = time.perf_counter()
+    with timer.stage("load_model"):
+        model_info = tracking.describe_model(request.model_uri)
+        model = tracking.load_packaged(request.model_uri, threads=os.cpu_count() or 1)
+    opened = open_cohort(request.input_path, request.mapping_path, request.block_rows)
+    schema = output_schema(model, request.explain)
+    summary = ScoreSummary(classes=list(model.classes), features=list(model.features))
+
+    def checked_blocks() -> Iterator[tuple[Cohort, RowChecks]]:
+        blocks = opened.blocks()
+        while True:
+            with timer.stage("read_and_validate"):
+                block = next(blocks, None)
+                if block is None:
+                    return
+                checks = row_checks(block, model.features)
+            yield block, checks
+
+    if request.engine == "local":
+        outputs = _local_blocks(model, request.explain, schema, checked_blocks(), timer)
+    else:
+        from phenotyper.spark_engine import spark_blocks
+
+        outputs = spark_blocks(request, schema, checked_blocks(), timer)
+
+    csv = request.output_path.suffix.lower() == ".csv"
+    with atomic_path(request.output_path) as temporary, _writer(temporary, schema, csv) as write:
+        for block in outputs:
+            with timer.stage("summarise"):
+                summary.add(block.frame, block.status_kind)
+            with timer.stage("write"):
+                write(pa.Table.from_pandas(block.frame, schema=schema, preserve_index=False))
+            if on_rows is not None:
+                on_rows(len(block.frame))
+    with timer.stage("input_sha256"):
+        digest = _sha256(request.input_path)
+    total = time.perf_counter() - started
+    manifest = {
+        "output": str(request.output_path),
+        "input": str(request.input_path),
+        "input_sha256": digest,
+        "mapping": str(request.mapping_path) if request.mapping_path else None,
+        "model": model_info,
+        "engine": request.engine,
+        "explain": request.explain,
+        "rows_in": summary.rows,
+        "rows_out": summary.rows,
+        **summary.as_dict(),
+        "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()},
+                      "total": round(total, 3)},
+        "rows_per_s": round(summary.rows / total, 1) if total else None,
+        "synthetic_input": "synthetic" in opened.header,  # the simulator's marker column
+    }
+    if request.report_path is not None:
+        from phenotyper.report import score_report_html
+
+        write_bytes_atomic(request.report_path,
+                           score_report_html(summary, manifest).encode("utf-8"))
+    write_bytes_atomic(request.manifest_path, json.dumps(manifest, indent=1).encode("utf-8"))
+    return manifest
+
+
+def _local_blocks(model: PackagedPhenotyper, explain: str, schema: pa.Schema,
+                  blocks: Iterator[tuple[Cohort, RowChecks]], timer: Timer
+                  ) -> Iterator[ScoredBlock]:
+    for block, checks in blocks:
+        with timer.stage("score"):
+            scored = model.predict(block.data, explain=explain)
+            out = finish(scored, block, checks, schema)
+        yield out
+
+
+@contextmanager
+def _writer(path: Path, schema: pa.Schema, csv: bool) -> Iterator[Callable[[pa.Table], None]]:
+    """A streaming CSV or Parquet writer into `path`."""
+    writer = pa_csv.CSVWriter(str(path), schema) if csv else pq.ParquetWriter(str(path), schema)
+    try:
+        yield writer.write_table
+    finally:
+        writer.close()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
