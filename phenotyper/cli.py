@@ -8,12 +8,14 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
 
 from phenotyper import report
 from phenotyper import simulate as simulator
 from phenotyper.cohort import (
+    BLOCK_ROWS,
     CohortError,
     QualityReport,
     quality_report,
@@ -23,6 +25,7 @@ from phenotyper.cohort import (
 from phenotyper.evaluate import Benchmark, EvaluationError
 from phenotyper.evaluate import benchmark as run_benchmark
 from phenotyper.rules import reference_rules
+from phenotyper.score import ScoreRequest, ScoringError, score_file
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -216,6 +219,80 @@ def serve(
     Console().print(Text(f"Serving {model} from {uri} on http://{host}:{port}/invocations"))
     path = os.pathsep.join([tools, os.environ.get("PATH", "")])
     os.execvpe(command[0], command, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
+
+
+@app.command()
+def score(
+    input_path: Annotated[Path, typer.Option("--input", help="Cohort file: CSV or Parquet.")],
+    output: Annotated[Path, typer.Option(
+        help="Scored file: .parquet or .csv. A manifest (.manifest.json) is written beside it.")],
+    model: Annotated[str, typer.Option(help="MLflow model URI.")] =
+        "models:/immunophenotyper@champion",
+    mapping: Annotated[Path | None, typer.Option(
+        help="TOML mapping of the cohort's columns and units.")] = None,
+    engine: Annotated[str, typer.Option(
+        help="local: this process; spark: mlflow's Spark UDF (needs the spark extra).")] =
+        "local",
+    explain: Annotated[str, typer.Option(
+        help="SHAP columns: predicted (the predicted phenotype's), all, or none.")] =
+        "predicted",
+    report_path: Annotated[Path | None, typer.Option(
+        "--report", help="Also write a self-contained HTML report here.")] = None,
+    block_rows: Annotated[int, typer.Option(
+        min=1, help="Rows read and scored at a time (memory grows with it).")] = BLOCK_ROWS,
+) -> None:
+    """Score a cohort file: one output row per input row, in input order, each with a status."""
+    from mlflow.exceptions import MlflowException
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from phenotyper import tracking
+
+    tracking.configure()
+    request = ScoreRequest(model, input_path, output, mapping, explain, engine, report_path,
+                           block_rows)
+    console = Console(stderr=True)
+    progress = Progress(SpinnerColumn(), TextColumn("Scoring {task.description}"),
+                        TextColumn("{task.completed:,} rows"), _RowsPerSecond(),
+                        TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+    try:
+        with progress:
+            task = progress.add_task(input_path.name, total=None)
+            manifest = score_file(request, on_rows=lambda rows: progress.advance(task, rows))
+    except KeyboardInterrupt:
+        console.print(Text(f"Interrupted: nothing was written to {output} (an existing file "
+                           "there is unchanged).", style="bold red"))
+        raise typer.Exit(130) from None
+    except (CohortError, ScoringError) as error:
+        exit_with_error(str(error))
+    except MlflowException as error:
+        exit_with_error(f"Cannot load model {model}: {error.message}")
+    except OSError as error:
+        exit_with_error(f"Cannot write {error.filename or output}: {error.strerror}.")
+    _print_scoring(manifest, report_path)
+
+
+class _RowsPerSecond(ProgressColumn):
+    """Throughput of a scoring task."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} rows/s")
+
+
+def _print_scoring(manifest: dict, report_path: Path | None) -> None:
+    console = Console()
+    table = Table(title=f"Scored {manifest['rows_out']:,} rows at "
+                        f"{manifest['rows_per_s']:,.0f} rows/s", title_justify="left")
+    table.add_column("status")
+    table.add_column("rows", justify="right")
+    for status, rows in manifest["rows_by_status"].items():
+        table.add_row(status, f"{rows:,}")
+    console.print(table)
+    phenotypes = ", ".join(f"{name} {rows:,}" for name, rows in
+                           manifest["phenotype_counts"].items())
+    console.print(Text(f"Phenotypes: {phenotypes}"))
+    console.print(Text(f"Wrote {manifest['output']} and its manifest."))
+    if report_path is not None:
+        console.print(Text(f"Report: {report_path}"))
 
 
 @app.command("explain")

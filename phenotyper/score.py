@@ -307,7 +307,10 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
     schema = output_schema(model, request.explain)
     summary = ScoreSummary(classes=list(model.classes), features=list(model.features))
 
+    rows_in = 0
+
     def checked_blocks() -> Iterator[tuple[Cohort, RowChecks]]:
+        nonlocal rows_in
         blocks = opened.blocks()
         while True:
             with timer.stage("read_and_validate"):
@@ -315,6 +318,7 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
                 if block is None:
                     return
                 checks = row_checks(block, model.features)
+            rows_in += len(block.data)
             yield block, checks
 
     if request.engine == "local":
@@ -333,6 +337,8 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
                 write(pa.Table.from_pandas(block.frame, schema=schema, preserve_index=False))
             if on_rows is not None:
                 on_rows(len(block.frame))
+        if summary.rows != rows_in:  # never publish an output that lost or invented rows
+            raise RuntimeError(f"scoring wrote {summary.rows} rows for {rows_in} input rows")
     with timer.stage("input_sha256"):
         digest = _sha256(request.input_path)
     total = time.perf_counter() - started
@@ -344,7 +350,7 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
         "model": model_info,
         "engine": request.engine,
         "explain": request.explain,
-        "rows_in": summary.rows,
+        "rows_in": rows_in,
         "rows_out": summary.rows,
         **summary.as_dict(),
         "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()},

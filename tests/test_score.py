@@ -1,0 +1,209 @@
+"""`phenotyper score`: streamed batch scoring that loses nothing and never leaves half a file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from phenotyper import tracking
+from phenotyper.cli import app
+from phenotyper.cohort import read_cohort
+from phenotyper.experiment import ExperimentSpec, train
+from phenotyper.score import ScoreRequest, ScoringError, score_file
+from phenotyper.simulate import simulate
+
+runner = CliRunner(env={"COLUMNS": "200"})
+MODEL = "models:/batchmodel/1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite store with one small registered logistic model; the tests run beside it."""
+    folder = tmp_path_factory.mktemp("scoring")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    tracking.configure()
+    train(ExperimentSpec(name="batch", registered_model="batchmodel", label="phenotype_true",
+                         preset="provide", n=2000, cohort_seed=6,
+                         candidates={"logistic": {"C": [1.0]}}, bootstrap=30, noise_repeats=0))
+    yield folder
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    mlflow.set_tracking_uri(saved or "")
+
+
+MESSY = (
+    "MRN,Ferritin (ug/L),hla_dr_mab_per_cell,crp_mg_l,sex,ward\n"
+    "a,6100,2000,150,F,icu1\n"
+    "b,-50,3000,80,M,icu1\n"          # negative ferritin: not scored, rule from HLA-DR
+    "c,>2000,9000,40,female,icu2\n"   # censored, straddles the cut-off: set to missing, scored
+    "a,900,12000,haemolysed,M,icu2\n"  # repeated id: scored; unparseable CRP: not scored
+    ",300,7000,20,x,icu2\n"           # no id: scored; unknown sex code: not scored
+    "f,1200,15000,35,M,icu3\n"
+)
+MAPPING = ('[columns]\npatient_id = { column = "MRN" }\n'
+           'ferritin_ng_ml = { column = "Ferritin (ug/L)", unit = "ug/L" }\n')
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> tuple[Path, Path]:
+    cohort, mapping = tmp_path / "export.csv", tmp_path / "export.toml"
+    cohort.write_text(MESSY, encoding="utf-8")
+    mapping.write_text(MAPPING, encoding="utf-8")
+    return cohort, mapping
+
+
+def _score(store: Path, cohort: Path, output: Path, **options) -> dict:
+    return score_file(ScoreRequest(MODEL, cohort, output, **options))
+
+
+def test_every_row_comes_out_in_order_with_its_status_and_reasons(store, messy, tmp_path):
+    cohort, mapping = messy
+    output = tmp_path / "scored.parquet"
+    manifest = _score(store, cohort, output, mapping_path=mapping)
+    out = pd.read_parquet(output)
+    assert out["row"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert out["patient_id"].fillna("<none>").tolist() == ["a", "b", "c", "a", "<none>", "f"]
+    status = out.set_index("row")["status"]
+    assert status[1] == status[3] == status[6] == "ok"
+    assert status[2].startswith("not scored: ferritin_ng_ml '-50': negative value")
+    assert status[4].startswith("not scored: crp_mg_l 'haemolysed': not a number")
+    assert status[5].startswith("not scored: sex 'x': not a recognised sex code")
+    unscored = out[out["status"] != "ok"]
+    assert unscored["phenotype"].isna().all() and unscored["prob_MALS"].isna().all()
+    assert unscored["shap_ferritin_ng_ml"].isna().all()
+    scored = out[out["status"] == "ok"]
+    assert scored[["prob_MALS", "prob_immunoparalysis", "prob_unclassified"]].sum(
+        axis=1).to_numpy() == pytest.approx(1.0)
+    # the rule never acts on a rejected value: without ferritin it cannot rule out MALS
+    assert out.loc[1, "rule_phenotype"] == "indeterminate"
+    assert out.loc[0, "rule_phenotype"] == "MALS"
+    issues = out.set_index("row")["issues"]
+    assert "censored" not in issues[1] and issues[1] == ""
+    assert "cannot settle the ImmunoSep cut-off" in issues[3]
+    assert "same patient_id as row 1" in issues[4]
+    assert "patient_id is missing" in issues[5]
+    assert manifest["rows_in"] == manifest["rows_out"] == 6
+    assert manifest["rows_by_status"] == {"ok": 3, "negative": 1, "unparseable": 1,
+                                          "unknown_category": 1}
+
+
+def test_scores_equal_the_model_on_the_whole_file_whatever_the_block_size(store, tmp_path):
+    cohort = tmp_path / "cohort.parquet"
+    simulate("provide", 2500, seed=11).to_parquet(cohort, row_group_size=400)
+    one = tmp_path / "one.parquet"
+    many = tmp_path / "many.csv"
+    _score(store, cohort, one, block_rows=10_000)
+    _score(store, cohort, many, block_rows=333)
+    whole, blocks = pd.read_parquet(one), pd.read_csv(many, keep_default_na=False,
+                                                       na_values=[""])
+    assert len(whole) == len(blocks) == 2500
+    expected = tracking.load_packaged(MODEL).predict(read_cohort(cohort).data)
+    for column in ("patient_id", "phenotype", "rule_phenotype", "status", "top_drivers"):
+        assert whole[column].tolist() == expected[column].tolist()
+        assert blocks[column].astype(str).tolist() == expected[column].astype(str).tolist()
+    numeric = [c for c in expected if c.startswith(("prob_", "shap_"))]
+    np.testing.assert_allclose(whole[numeric], expected[numeric], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(blocks[numeric], expected[numeric], rtol=1e-12, atol=1e-12)
+
+
+def test_manifest_names_the_model_input_and_counts(store, tmp_path):
+    cohort = tmp_path / "cohort.csv"
+    simulate("provide", 300, seed=2).to_csv(cohort, index=False)
+    output = tmp_path / "scored.parquet"
+    _score(store, cohort, output, explain="none")
+    manifest = json.loads((tmp_path / "scored.parquet.manifest.json").read_text())
+    version = MlflowClient().get_model_version("batchmodel", "1")
+    assert manifest["model"] == {"uri": MODEL, "name": "batchmodel", "version": "1",
+                                 "run_id": version.run_id}
+    assert manifest["input_sha256"] == hashlib.sha256(cohort.read_bytes()).hexdigest()
+    assert manifest["rows_in"] == manifest["rows_out"] == 300
+    assert sum(manifest["phenotype_counts"].values()) == 300
+    assert sum(item["rows"] for item in manifest["model_vs_rule"]) == 300
+    assert manifest["synthetic_input"] is True
+    assert set(manifest["timings_s"]) >= {"read_and_validate", "score", "write", "total"}
+    assert not any(c.startswith("shap_") for c in pd.read_parquet(output).columns)
+
+
+def test_a_failure_deep_in_the_file_leaves_no_output_and_the_old_file_intact(store, tmp_path):
+    rows = ["ferritin_ng_ml,hla_dr_mab_per_cell"] + [f"{100 + i},8000" for i in range(50)]
+    rows.append("100,8000,extra-field")  # a ragged line after several blocks were scored
+    cohort = tmp_path / "export.csv"
+    cohort.write_text("\n".join(rows) + "\n")
+    output = tmp_path / "scored.csv"
+    output.write_text("previous results\n")
+    result = runner.invoke(app, ["score", "--model", MODEL, "--input", str(cohort),
+                                 "--output", str(output), "--block-rows", "10"])
+    assert result.exit_code == 2
+    assert "more fields than the header" in result.output and "Traceback" not in result.output
+    assert output.read_text() == "previous results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.csv", "scored.csv"]
+
+
+def test_ctrl_c_leaves_nothing_at_the_destination_and_says_so(store, tmp_path):
+    cohort = tmp_path / "cohort.parquet"
+    simulate("provide", 60_000, seed=4).to_parquet(cohort)
+    output = tmp_path / "scored.parquet"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phenotyper.cli", "score", "--model", MODEL, "--input",
+         str(cohort), "--output", str(output), "--block-rows", "500"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".scored.parquet.*.tmp")):  # the write has started
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Interrupted: nothing was written to" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort.parquet"]
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--input", "missing.csv", "--output", "out.parquet"], "does not exist"),
+    (["--input", "cohort.csv", "--output", "out.xlsx"], "name the output .parquet or .csv"),
+    (["--input", "cohort.csv", "--output", "cohort.csv"], "is the input file"),
+    (["--input", "cohort.csv", "--output", "out.csv", "--engine", "dask"], "--engine must be"),
+    (["--input", "cohort.csv", "--output", "out.csv", "--explain", "some"], "--explain must"),
+    (["--input", "cohort.csv", "--output", "out.csv", "--report", "r.pdf"], "name it .html"),
+    (["--input", "cohort.csv", "--output", "out.csv", "--model", "models:/nothing@champion"],
+     "Cannot load model models:/nothing@champion"),
+])
+def test_bad_requests_get_a_clear_error(store, tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    simulate("provide", 20, seed=1).to_csv("cohort.csv", index=False)
+    result = runner.invoke(app, ["score", "--model", MODEL, *arguments])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort.csv"]
+
+
+def test_cli_prints_counts_and_shows_no_progress_bar_off_a_terminal(store, tmp_path):
+    cohort = tmp_path / "cohort.csv"
+    simulate("provide", 200, seed=3).to_csv(cohort, index=False)
+    result = runner.invoke(app, ["score", "--model", MODEL, "--input", str(cohort),
+                                 "--output", str(tmp_path / "out.parquet")])
+    assert result.exit_code == 0, result.output
+    assert "Scored 200 rows" in result.output and "Scoring cohort.csv" not in result.output
+
+
+def test_request_refuses_an_unknown_engine_before_reading(tmp_path):
+    with pytest.raises(ScoringError, match="--engine must be one of local, spark"):
+        score_file(ScoreRequest(MODEL, tmp_path / "x.csv", tmp_path / "y.csv", engine="gpu"))
