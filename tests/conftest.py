@@ -1,7 +1,35 @@
 """Suite-wide settings: property-based tests draw the same examples on every run (fixed
 seed), so CI cannot pass one day and fail the next on a newly drawn input."""
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
 from hypothesis import settings
 
 settings.register_profile("phenotyper", derandomize=True, print_blob=True)
 settings.load_profile("phenotyper")
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder with a SQLite store (set as MLFLOW_TRACKING_URI) holding one small registered
+    logistic model, models:/batchmodel/1, for the scoring tests."""
+    from phenotyper import tracking
+    from phenotyper.experiment import ExperimentSpec, train
+
+    folder = tmp_path_factory.mktemp("scoring")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    tracking.configure()
+    train(ExperimentSpec(name="batch", registered_model="batchmodel", label="phenotype_true",
+                         preset="provide", n=2000, cohort_seed=6,
+                         candidates={"logistic": {"C": [1.0]}}, bootstrap=30, noise_repeats=0))
+    yield folder
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    mlflow.set_tracking_uri(saved or "")

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,30 +20,11 @@ from typer.testing import CliRunner
 from phenotyper import tracking
 from phenotyper.cli import app
 from phenotyper.cohort import read_cohort
-from phenotyper.experiment import ExperimentSpec, train
 from phenotyper.score import ScoreRequest, ScoringError, score_file
 from phenotyper.simulate import simulate
 
 runner = CliRunner(env={"COLUMNS": "200"})
-MODEL = "models:/batchmodel/1"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite store with one small registered logistic model; the tests run beside it."""
-    folder = tmp_path_factory.mktemp("scoring")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-    tracking.configure()
-    train(ExperimentSpec(name="batch", registered_model="batchmodel", label="phenotype_true",
-                         preset="provide", n=2000, cohort_seed=6,
-                         candidates={"logistic": {"C": [1.0]}}, bootstrap=30, noise_repeats=0))
-    yield folder
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
-    mlflow.set_tracking_uri(saved or "")
+MODEL = "models:/batchmodel/1"  # registered by the `store` fixture (conftest.py)
 
 
 MESSY = (
