@@ -23,6 +23,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,17 +88,14 @@ def output_schema(model: PackagedPhenotyper, explain: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-@dataclass(frozen=True)
-class RowChecks:
-    """What the reader found in each row of a block: status, its kind, and other issues."""
-
-    status: np.ndarray  # "ok" or why the model does not score the row
-    kind: np.ndarray  # "ok" or the issue kind behind the status
-    issues: np.ndarray  # the reader's other findings, "" if none
+READER_STATUS, READER_KIND = "reader_status", "reader_status_kind"
+# What the reader found in each row, carried beside the model's output to the final file.
+CHECK_COLUMNS = (ROW, PATIENT_ID, SITE_ID, READER_STATUS, READER_KIND, ISSUES)
 
 
-def row_checks(block: Cohort, features: list[str]) -> RowChecks:
-    """Per-row status from the reader's issues: rejected model features stop scoring."""
+def row_checks(block: Cohort, features: list[str]) -> pd.DataFrame:
+    """Per row (CHECK_COLUMNS): the file row number, ids, and a status from the reader's
+    issues (a rejected value in a model feature stops scoring; other issues are listed)."""
     n = len(block.data)
     status = np.full(n, OK, dtype=object)
     kind = np.full(n, OK, dtype=object)
@@ -114,10 +112,14 @@ def row_checks(block: Cohort, features: list[str]) -> RowChecks:
                 target[joined.index.to_numpy()] = joined.to_numpy()
         if rejects.any():
             first_kind = table["kind"][rejects].groupby(position[rejects]).first()
-            kind[first_kind.index.to_numpy()] = first_kind.to_numpy()
-            status[first_kind.index.to_numpy()] = (
-                NOT_SCORED + ": " + status[first_kind.index.to_numpy()].astype(str))
-    return RowChecks(status, kind, issues)
+            at = first_kind.index.to_numpy()
+            kind[at] = first_kind.to_numpy()
+            status[at] = NOT_SCORED + ": " + status[at].astype(str)
+    return pd.DataFrame({
+        ROW: np.arange(block.first_row, block.first_row + n, dtype=np.int64),
+        PATIENT_ID: block.data[PATIENT_ID].to_numpy(dtype=object),
+        SITE_ID: block.data[SITE_ID].to_numpy(dtype=object),
+        READER_STATUS: status, READER_KIND: kind, ISSUES: issues})
 
 
 @dataclass(frozen=True)
@@ -128,14 +130,14 @@ class ScoredBlock:
     status_kind: np.ndarray  # "ok", a reader issue kind, or MODEL_REJECTED
 
 
-def finish(scored: pd.DataFrame, block: Cohort, checks: RowChecks, schema: pa.Schema
-           ) -> ScoredBlock:
+def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> ScoredBlock:
     """The model's output for a block in contract form: reader-rejected rows unscored, the
-    row number, site and issues added, columns in schema order."""
+    row number, site and issues added, columns in schema order (both engines)."""
     out = scored.reset_index(drop=True).copy()
-    rejected = checks.status != OK
+    reader_status = checks[READER_STATUS].to_numpy(dtype=object)
+    rejected = reader_status != OK
     model_status = out["status"].to_numpy(dtype=object)
-    out["status"] = np.where(rejected, checks.status, model_status)
+    out["status"] = np.where(rejected, reader_status, model_status)
     unscored = rejected | (model_status != OK)
     if rejected.any():
         out.loc[rejected, "phenotype"] = None
@@ -143,11 +145,10 @@ def finish(scored: pd.DataFrame, block: Cohort, checks: RowChecks, schema: pa.Sc
         out.loc[rejected, numeric] = np.nan
         if "top_drivers" in out:
             out.loc[rejected, "top_drivers"] = ""
-    out[ROW] = np.arange(block.first_row, block.first_row + len(out), dtype=np.int64)
-    out[PATIENT_ID] = block.data[PATIENT_ID].to_numpy(dtype=object)
-    out[SITE_ID] = block.data[SITE_ID].to_numpy(dtype=object)
-    out[ISSUES] = checks.issues
-    kind = np.where(rejected, checks.kind, np.where(unscored, MODEL_REJECTED, OK))
+    for column in (ROW, PATIENT_ID, SITE_ID, ISSUES):
+        out[column] = checks[column].to_numpy()
+    kind = np.where(rejected, checks[READER_KIND].to_numpy(dtype=object),
+                    np.where(unscored, MODEL_REJECTED, OK))
     return ScoredBlock(out[schema.names], kind)
 
 
@@ -309,7 +310,7 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
 
     rows_in = 0
 
-    def checked_blocks() -> Iterator[tuple[Cohort, RowChecks]]:
+    def checked_blocks() -> Iterator[tuple[Cohort, pd.DataFrame]]:
         nonlocal rows_in
         blocks = opened.blocks()
         while True:
@@ -322,7 +323,8 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
             yield block, checks
 
     if request.engine == "local":
-        outputs = _local_blocks(model, request.explain, schema, checked_blocks(), timer)
+        outputs = _local_blocks(model, request.explain, schema, _read_ahead(checked_blocks()),
+                                timer)
     else:
         from phenotyper.spark_engine import spark_blocks
 
@@ -368,13 +370,24 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
 
 
 def _local_blocks(model: PackagedPhenotyper, explain: str, schema: pa.Schema,
-                  blocks: Iterator[tuple[Cohort, RowChecks]], timer: Timer
+                  blocks: Iterator[tuple[Cohort, pd.DataFrame]], timer: Timer
                   ) -> Iterator[ScoredBlock]:
     for block, checks in blocks:
         with timer.stage("score"):
             scored = model.predict(block.data, explain=explain)
-            out = finish(scored, block, checks, schema)
+            out = finish(scored, checks, schema)
         yield out
+
+
+def _read_ahead(blocks: Iterator[Any]) -> Iterator[Any]:
+    """The same items, the next one read in a thread meanwhile: parsing (Arrow, pandas' C
+    parser) and scoring (numpy, XGBoost) release the GIL, so they overlap on two cores."""
+    end = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        upcoming = pool.submit(next, blocks, end)
+        while (item := upcoming.result()) is not end:
+            upcoming = pool.submit(next, blocks, end)
+            yield item
 
 
 @contextmanager
