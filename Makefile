@@ -5,9 +5,15 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
-setup: $(VENV)/.synced
+setup: $(VENV)/.synced browser
+
+# Headless Chromium renders the HTML reports in the tests (Debian's package).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		{ echo "Install Chromium (Debian: apt-get install chromium) for the report tests."; exit 1; }
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +30,12 @@ demo: setup
 	for experiment in experiments/*.toml; do $(BIN)/phenotyper train $$experiment || exit 1; done
 	$(BIN)/phenotyper model-card immunophenotyper --output models/immunophenotyper_champion.md
 	$(BIN)/python -m phenotyper.serving --model models:/immunophenotyper@champion
+	$(BIN)/phenotyper score --input data/simulated/immunosep_screening.parquet \
+		--output reports/scored/immunosep_screening.parquet \
+		--report reports/scored/immunosep_screening.html
 	@echo "Rules benchmark: reports/rules_benchmark/benchmark.md"
 	@echo "Champion's model card: models/immunophenotyper_champion.md"
+	@echo "Scored cohort and its report: reports/scored/"
 	@echo "Runs and registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 lint: setup
@@ -43,3 +53,5 @@ bench: setup
 	$(BIN)/python benchmarks/benchmark_speed.py
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/serving_latency.py
+	$(BIN)/python benchmarks/score_speed.py
+	$(BIN)/python benchmarks/score_speed.py --candidate xgboost --rows 200000 --memory-rows 0
