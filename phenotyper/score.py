@@ -58,7 +58,8 @@ NOT_SCORED = "not scored"
 REJECTING = (UNPARSEABLE, NEGATIVE, IMPLAUSIBLE, UNKNOWN_CATEGORY)
 MODEL_REJECTED = "rejected_by_model"  # a value the model's own checks refused
 PROBABILITY_BINS = 20
-EXAMPLES = 20  # rows listed per table in the manifest and report
+EXAMPLES = 20  # unscored rows listed in the manifest and report
+AGREEMENT_EXAMPLES = 5  # example rows per model-vs-rule cell
 
 
 class ScoringError(Exception):
@@ -185,7 +186,7 @@ class ScoreSummary:
         for (rule_name, model_name), rows in pairs.groupby(["rule", "model"], sort=False)[ROW]:
             self.agreement[(rule_name, model_name)] += len(rows)
             known = self.agreement_rows.setdefault((rule_name, model_name), [])
-            known.extend(rows.head(5 - len(known)).tolist())
+            known.extend(rows.head(AGREEMENT_EXAMPLES - len(known)).tolist())
         site = out[SITE_ID].fillna("(no site)").to_numpy(dtype=object)
         for (site_name, model_name), count in pd.Series(model).groupby(
                 [site, model]).size().items():
@@ -198,9 +199,10 @@ class ScoreSummary:
         shap_columns = [f"shap_{name}" for name in self.features]
         if all(column in out for column in shap_columns):
             values = np.abs(out.loc[scored, shap_columns].to_numpy(dtype=float))
-            total = np.nansum(values, axis=0)
+            values = values[np.isfinite(values).all(axis=1)]
+            total = values.sum(axis=0)
             self.shap_abs_sum = total if self.shap_abs_sum is None else self.shap_abs_sum + total
-            self.explained += int(scored.sum())
+            self.explained += len(values)
         if len(self.unscored_examples) < EXAMPLES and not scored.all():
             rows = out.loc[~scored, [ROW, PATIENT_ID, "status"]].head(
                 EXAMPLES - len(self.unscored_examples))
@@ -227,6 +229,10 @@ class ScoreSummary:
                                "example_rows": self.agreement_rows[(r, m)]}
                               for (r, m), n in sorted(self.agreement.items())],
             "rows_with_issues": self.issue_rows,
+            "by_site": {site: dict(counts) for site, counts in sorted(self.sites.items())},
+            "probability_histograms": {
+                "bin_edges": np.linspace(0, 1, PROBABILITY_BINS + 1).round(6).tolist(),
+                **{name: np.asarray(counts).tolist() for name, counts in self.histograms.items()}},
             "unscored_examples": self.unscored_examples,
             "mean_abs_shap": self.mean_abs_shap(),
         }
