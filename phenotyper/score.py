@@ -140,8 +140,10 @@ def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> Sco
     model_status = out["status"].to_numpy(dtype=object)
     out["status"] = np.where(rejected, reader_status, model_status)
     unscored = rejected | (model_status != OK)
+    # a row the model did not score has no phenotype (under pandas 3, MLflow's Spark UDF
+    # returns a missing string as the text 'nan')
+    out.loc[unscored, "phenotype"] = None
     if rejected.any():
-        out.loc[rejected, "phenotype"] = None
         numeric = [f.name for f in schema if f.name.startswith(("prob_", "shap_"))]
         out.loc[rejected, numeric] = np.nan
         if "top_drivers" in out:
