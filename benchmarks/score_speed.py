@@ -1,10 +1,10 @@
 """Batch scoring speed and memory: `phenotyper score` end to end against the bare model call.
 
 Trains one candidate (default settings, 20000 screening patients) into a throwaway SQLite
-store, simulates a cohort of `--rows` patients as CSV, and in one process times
+store, simulates a cohort of `--rows` patients as CSV and as Parquet, and in one process times
 - the bare model: `PackagedPhenotyper.predict` on the same rows already in memory, in the same
   blocks (reading, validation and writing excluded);
-- `score` end to end: CSV in, reader checks, the model, Parquet out, manifest;
+- `score` end to end: CSV or Parquet in, reader checks, the model, Parquet out, manifest;
 each with and without explanations, so the overhead ratio compares like with like. Then it
 scores a `--memory-rows` Parquet file in a child process and reports the child's peak RSS.
 Writes benchmarks/results/score_speed_<candidate>.json.
@@ -39,24 +39,23 @@ from phenotyper.simulate import simulate
 SIMULATION_BLOCK = 500_000
 
 
-def _write_cohort(path: Path, rows: int, seed: int) -> None:
-    """A simulated cohort written in pieces (the simulator holds one piece at a time)."""
-    if path.suffix == ".csv":
-        for start in range(0, rows, SIMULATION_BLOCK):
-            piece = simulate("immunosep-screening", min(SIMULATION_BLOCK, rows - start),
-                             seed + start)
-            piece["patient_id"] = [f"P{start + i:09d}" for i in range(len(piece))]
-            piece.to_csv(path, mode="a", header=start == 0, index=False)
-        return
-    writer = None
+def _write_cohort(paths: list[Path], rows: int, seed: int) -> None:
+    """One simulated cohort written to each path (.csv or .parquet), piece by piece (the
+    simulator holds one piece at a time)."""
+    writers: dict[Path, pq.ParquetWriter] = {}
     for start in range(0, rows, SIMULATION_BLOCK):
         piece = simulate("immunosep-screening", min(SIMULATION_BLOCK, rows - start),
                          seed + start)
         piece["patient_id"] = [f"P{start + i:09d}" for i in range(len(piece))]
-        table = pa.Table.from_pandas(piece, preserve_index=False)
-        writer = writer or pq.ParquetWriter(path, table.schema)
-        writer.write_table(table, row_group_size=BLOCK_ROWS)
-    writer.close()
+        for path in paths:
+            if path.suffix == ".csv":
+                piece.to_csv(path, mode="a", header=start == 0, index=False)
+                continue
+            table = pa.Table.from_pandas(piece, preserve_index=False)
+            writers.setdefault(path, pq.ParquetWriter(path, table.schema))
+            writers[path].write_table(table, row_group_size=BLOCK_ROWS)
+    for writer in writers.values():
+        writer.close()
 
 
 def _bare_model_s(model_uri: str, cohort: Path, explain: str) -> float:
@@ -100,30 +99,32 @@ def main() -> None:
             spec, candidates={args.candidate: spec.candidates[args.candidate]})
         train(spec)
         model_uri = "models:/score-speed/1"
-        cohort = folder / "cohort.csv"
-        _write_cohort(cohort, args.rows, seed=100)
+        cohorts = {"csv": folder / "cohort.csv", "parquet": folder / "cohort.parquet"}
+        _write_cohort(list(cohorts.values()), args.rows, seed=100)
 
         results: dict = {"candidate": args.candidate, "rows": args.rows,
                          "cpu_count": os.cpu_count(), "block_rows": BLOCK_ROWS}
         for explain in ("predicted", "none"):
-            bare_s = _bare_model_s(model_uri, cohort, explain)
-            start = time.perf_counter()
-            manifest = score_file(ScoreRequest(model_uri, cohort, folder / "scored.parquet",
-                                               explain=explain))
-            end_to_end_s = time.perf_counter() - start
-            results[f"explain_{explain}"] = {
-                "bare_model_s": round(bare_s, 2),
-                "bare_model_rows_per_s": round(args.rows / bare_s),
-                "score_s": round(end_to_end_s, 2),
-                "score_rows_per_s": round(args.rows / end_to_end_s),
-                "overhead_ratio": round(end_to_end_s / bare_s - 1, 3),
-                "stages_s": manifest["timings_s"],
-            }
+            bare_s = _bare_model_s(model_uri, cohorts["parquet"], explain)
+            results[f"explain_{explain}"] = {"bare_model_s": round(bare_s, 2),
+                                             "bare_model_rows_per_s": round(args.rows / bare_s)}
+            for input_format, cohort in cohorts.items():
+                start = time.perf_counter()
+                manifest = score_file(ScoreRequest(model_uri, cohort,
+                                                   folder / "scored.parquet", explain=explain))
+                end_to_end_s = time.perf_counter() - start
+                results[f"explain_{explain}"][f"{input_format}_input"] = {
+                    "score_s": round(end_to_end_s, 2),
+                    "score_rows_per_s": round(args.rows / end_to_end_s),
+                    "overhead_ratio": round(end_to_end_s / bare_s - 1, 3),
+                    "stages_s": manifest["timings_s"],
+                }
             print(json.dumps({explain: results[f"explain_{explain}"]}, indent=1), flush=True)
-        cohort.unlink()
+        for cohort in cohorts.values():
+            cohort.unlink()
         if args.memory_rows:
             big = folder / "big.parquet"
-            _write_cohort(big, args.memory_rows, seed=7)
+            _write_cohort([big], args.memory_rows, seed=7)
             peak_mb, wall_s = _peak_rss_mb(model_uri, big, folder / "big_scored.parquet")
             results["memory"] = {"rows": args.memory_rows, "peak_rss_mb": round(peak_mb),
                                  "wall_s": round(wall_s, 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -205,7 +206,6 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
 ) -> None:
     """Serve a packaged model with MLflow's own scoring server (POST /invocations)."""
-    import os
     import shutil
 
     from phenotyper import tracking
@@ -248,6 +248,7 @@ def score(
     from phenotyper import tracking
 
     tracking.configure()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours suffices
     request = ScoreRequest(model, input_path, output, mapping, explain, engine, report_path,
                            block_rows)
     console = Console(stderr=True)
@@ -268,6 +269,9 @@ def score(
         exit_with_error(f"Cannot load model {model}: {error.message}")
     except OSError as error:
         exit_with_error(f"Cannot write {error.filename or output}: {error.strerror}.")
+    except Exception:
+        console.print(Text(f"Scoring failed: nothing was written to {output}.", style="bold red"))
+        raise
     _print_scoring(manifest, report_path)
 
 

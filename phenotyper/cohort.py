@@ -188,8 +188,10 @@ class CohortFile:
 
     `blocks()` reads it block by block, so a file of any size is read in flat memory; each
     block is a `Cohort` whose issue rows are numbered in the whole file. A decimal comma seen in
-    a column decides ambiguous cells from that block on, and duplicate ids are found across
-    blocks (by a 64-bit hash of the id: a false match would take over 10^9 ids to be likely).
+    a column decides ambiguous cells from that block on (earlier blocks are not read again;
+    their ambiguous cells are issues either way, and a mapping's `decimal` settles them), and
+    duplicate ids are found across blocks (by a 64-bit hash of the id: a false match would
+    take over 10^9 ids to be likely).
     """
 
     path: Path
@@ -199,7 +201,7 @@ class CohortFile:
     delimiter: str | None  # None for Parquet
     encoding: str = "utf-8"
     leading_blank_lines: int = 0
-    block_rows: int = BLOCK_ROWS
+    block_rows: int | None = BLOCK_ROWS  # None: the whole file as one block
 
     @property
     def columns(self) -> dict[str, str]:
@@ -227,8 +229,9 @@ class CohortFile:
 
 
 def open_cohort(path: str | Path, mapping: str | Path | None = None,
-                block_rows: int = BLOCK_ROWS) -> CohortFile:
-    """Open a CSV/TSV/TXT or Parquet cohort file for block-wise reading (whole-file checks)."""
+                block_rows: int | None = BLOCK_ROWS) -> CohortFile:
+    """Open a CSV/TSV/TXT or Parquet cohort file for block-wise reading (whole-file checks);
+    `block_rows=None` reads it as one block."""
     path = Path(path)
     column_mapping = read_mapping(mapping) if mapping is not None else ColumnMapping()
     _check_path(path)
@@ -245,15 +248,12 @@ def open_cohort(path: str | Path, mapping: str | Path | None = None,
 
 
 def read_cohort(path: str | Path, mapping: str | Path | None = None) -> Cohort:
-    """Read a whole CSV/TSV/TXT or Parquet cohort file, optionally through a TOML mapping."""
-    opened = open_cohort(path, mapping)
-    blocks = list(opened.blocks())
-    if len(blocks) == 1:
-        return blocks[0]
-    return Cohort(
-        data=pd.concat([block.data for block in blocks], ignore_index=True),
-        issues=pd.concat([block.issues for block in blocks], ignore_index=True),
-        source=str(opened.path), columns=opened.columns, units=opened.units)
+    """Read a whole CSV/TSV/TXT or Parquet cohort file, optionally through a TOML mapping.
+
+    One block: a decimal comma anywhere in a column decides every ambiguous cell in it.
+    """
+    [cohort] = open_cohort(path, mapping, block_rows=None).blocks()
+    return cohort
 
 
 def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> Cohort:
@@ -322,13 +322,16 @@ def _parquet_header(path: Path) -> list[str]:
     return list(first.columns)
 
 
-def _parquet_blocks(path: Path, block_rows: int) -> Iterator[pd.DataFrame]:
+def _parquet_blocks(path: Path, block_rows: int | None) -> Iterator[pd.DataFrame]:
     """Record batches as frames with a fresh row index; a stored pandas index becomes
     column(s)."""
     try:
         parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=block_rows):
-            frame = pa.Table.from_batches([batch]).to_pandas()
+        tables = ([parquet.read()] if block_rows is None else
+                  (pa.Table.from_batches([batch])
+                   for batch in parquet.iter_batches(batch_size=block_rows)))
+        for table in tables:
+            frame = table.to_pandas()
             if not isinstance(frame.index, pd.RangeIndex):
                 frame = frame.reset_index()
             frame.columns = [str(name) for name in frame.columns]
@@ -388,23 +391,32 @@ def _delimited_header(path: Path, delimiter: str, encoding: str, leading: int) -
     return [str(name) for name in header.columns]
 
 
-def _delimited_blocks(path: Path, delimiter: str, encoding: str, leading: int, block_rows: int
-                      ) -> Iterator[pd.DataFrame]:
+def _delimited_blocks(path: Path, delimiter: str, encoding: str, leading: int,
+                      block_rows: int | None) -> Iterator[pd.DataFrame]:
     """Every cell as text, no NA conversion, `block_rows` rows at a time; a ragged table is
     a CohortError.
 
     Skips `leading` blank lines before the header; blank lines after it are all-empty rows, so
     row numbers match the file.
     """
+    options = {"sep": delimiter, "dtype": str, "keep_default_na": False, "na_filter": False,
+               "index_col": False, "encoding": encoding, "skip_blank_lines": False,
+               "skiprows": leading}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            with pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False,
-                             na_filter=False, index_col=False, encoding=encoding,
-                             skip_blank_lines=False, skiprows=leading,
-                             chunksize=block_rows) as reader:
-                for frame in reader:
-                    yield frame.fillna("")
+        if block_rows is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, **options)
+            yield frame.fillna("")
+            return
+        with pd.read_csv(path, chunksize=block_rows, **options) as reader:
+            while True:
+                with warnings.catch_warnings():  # held per block, never across a yield
+                    warnings.simplefilter("error", pd.errors.ParserWarning)
+                    frame = next(reader, None)
+                if frame is None:
+                    return
+                yield frame.fillna("")
     except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
         name = "tab" if delimiter == "\t" else f"'{delimiter}'"
         where = re.search(r"Expected \d+ fields in line \d+, saw \d+", str(error))

@@ -176,11 +176,11 @@ class PackagedPhenotyper:
         columns = np.hstack([imputed, indicators])
         standard = (columns - np.array(spec["scale_mean"])) / np.array(spec["scale_sd"])
         coef = np.array(spec["coef"])  # (K, columns)
-        per_column = standard[:, None, :] * coef[None, :, :]
         width = X.shape[1]
-        contributions = per_column[:, :, :width].copy()
-        for position, feature in enumerate(spec["indicator_of"]):
-            contributions[:, :, feature] += per_column[:, :, width + position]
+        contributions = standard[:, None, :width] * coef[None, :, :width]
+        for position, feature in enumerate(spec["indicator_of"]):  # (n, K) at a time: memory
+            column = width + position
+            contributions[:, :, feature] += standard[:, None, column] * coef[None, :, column]
         return contributions, np.array(spec["intercept"])
 
     def _checked(self, cohort: pd.DataFrame, column: str) -> np.ndarray:

@@ -17,14 +17,16 @@ and the output file are shared, so the engines differ only in where the model ru
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ from phenotyper.cohort import (
     Cohort,
     open_cohort,
 )
-from phenotyper.files import atomic_path, write_bytes_atomic
+from phenotyper.files import atomic_path
 from phenotyper.packaged import EXPLAIN_MODES, OK, PackagedPhenotyper
 from phenotyper.panel import PATIENT_ID, SITE_ID
 from phenotyper.rules import INDETERMINATE
@@ -298,6 +300,14 @@ def check_request(request: ScoreRequest) -> None:
             ".html", ".htm"):
         raise ScoringError(f"Cannot write the report to {request.report_path}: name it "
                            ".html.")
+    for path in (request.output_path, request.report_path):
+        if path is not None and path.is_dir():
+            raise ScoringError(f"{path} is a folder; give a file name for the output.")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    if request.engine == "spark" and importlib.util.find_spec("pyspark") is None:
+        raise ScoringError("The spark engine needs pyspark: pip install 'phenotyper[spark]' "
+                           "(or use --engine local).")
 
 
 def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = None
@@ -309,13 +319,16 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
     check_request(request)
     timer = Timer()
     started = time.perf_counter()
+    opened = open_cohort(request.input_path, request.mapping_path, request.block_rows)
     with timer.stage("load_model"):
         model_info = tracking.describe_model(request.model_uri)
+        # the alias is resolved once: a promotion during the run cannot mix two versions
+        request = dataclasses.replace(request, model_uri=model_info["resolved_uri"])
         model = tracking.load_packaged(request.model_uri, threads=os.cpu_count() or 1)
-    opened = open_cohort(request.input_path, request.mapping_path, request.block_rows)
+    with timer.stage("input_sha256"):
+        digest = _sha256(request.input_path)
     schema = output_schema(model, request.explain)
     summary = ScoreSummary(classes=list(model.classes), features=list(model.features))
-
     rows_in = 0
 
     def checked_blocks() -> Iterator[tuple[Cohort, pd.DataFrame]]:
@@ -339,41 +352,43 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
         outputs = spark_blocks(request, schema, checked_blocks(), timer)
 
     csv = request.output_path.suffix.lower() == ".csv"
-    with atomic_path(request.output_path) as temporary, _writer(temporary, schema, csv) as write:
-        for block in outputs:
-            with timer.stage("summarise"):
-                summary.add(block.frame, block.status_kind)
-            with timer.stage("write"):
-                write(pa.Table.from_pandas(block.frame, schema=schema, preserve_index=False))
-            if on_rows is not None:
-                on_rows(len(block.frame))
+    with ExitStack() as publish:  # every file is complete before any replaces its destination
+        temporary = publish.enter_context(atomic_path(request.output_path))
+        with closing(outputs), _writer(temporary, schema, csv) as write:
+            for block in outputs:
+                with timer.stage("summarise"):
+                    summary.add(block.frame, block.status_kind)
+                with timer.stage("write"):
+                    write(pa.Table.from_pandas(block.frame, schema=schema, preserve_index=False))
+                if on_rows is not None:
+                    on_rows(len(block.frame))
         if summary.rows != rows_in:  # never publish an output that lost or invented rows
             raise RuntimeError(f"scoring wrote {summary.rows} rows for {rows_in} input rows")
-    with timer.stage("input_sha256"):
-        digest = _sha256(request.input_path)
-    total = time.perf_counter() - started
-    manifest = {
-        "output": str(request.output_path),
-        "input": str(request.input_path),
-        "input_sha256": digest,
-        "mapping": str(request.mapping_path) if request.mapping_path else None,
-        "model": model_info,
-        "engine": request.engine,
-        "explain": request.explain,
-        "rows_in": rows_in,
-        "rows_out": summary.rows,
-        **summary.as_dict(),
-        "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()},
-                      "total": round(total, 3)},
-        "rows_per_s": round(summary.rows / total, 1) if total else None,
-        "synthetic_input": "synthetic" in opened.header,  # the simulator's marker column
-    }
-    if request.report_path is not None:
-        from phenotyper.report import score_report_html
+        total = time.perf_counter() - started
+        manifest = {
+            "output": str(request.output_path),
+            "input": str(request.input_path),
+            "input_sha256": digest,
+            "mapping": str(request.mapping_path) if request.mapping_path else None,
+            "model": model_info,
+            "engine": request.engine,
+            "explain": request.explain,
+            "rows_in": rows_in,
+            "rows_out": summary.rows,
+            **summary.as_dict(),
+            "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()},
+                          "total": round(total, 3)},
+            "rows_per_s": round(summary.rows / total, 1) if total else None,
+            "synthetic_input": "synthetic" in opened.header,  # the simulator's marker column
+        }
+        if request.report_path is not None:
+            from phenotyper.report import score_report_html
 
-        write_bytes_atomic(request.report_path,
-                           score_report_html(summary, manifest).encode("utf-8"))
-    write_bytes_atomic(request.manifest_path, json.dumps(manifest, indent=1).encode("utf-8"))
+            html = score_report_html(summary, manifest)
+            publish.enter_context(atomic_path(request.report_path)).write_text(
+                html, encoding="utf-8")
+        publish.enter_context(atomic_path(request.manifest_path)).write_text(
+            json.dumps(manifest, indent=1), encoding="utf-8")
     return manifest
 
 

@@ -9,7 +9,8 @@ writer as the local engine. So both engines give the same rows, columns and valu
 
 The session is `local[*]` unless Spark is configured otherwise (spark-submit, `spark.master`
 in spark-defaults.conf, or $PHENOTYPER_SPARK_MASTER); a local session binds to 127.0.0.1 and
-runs no web UI. pyspark is an optional extra: `pip install 'phenotyper[spark]'`.
+runs no web UI. On a cluster the scratch folder (beside the output) must be on storage the
+executors share. pyspark is an optional extra: `pip install 'phenotyper[spark]'`.
 """
 
 from __future__ import annotations
@@ -46,31 +47,49 @@ _CHECK_PREFIX = "check__"  # staged reader columns, apart from the model's input
 
 @contextmanager
 def spark_session() -> Iterator[Any]:
-    """A SparkSession for scoring: the configured master, else local[*] on loopback."""
-    try:
-        from pyspark import SparkConf
-        from pyspark.sql import SparkSession
-    except ImportError:
-        raise ScoringError("The spark engine needs pyspark: pip install 'phenotyper[spark]' "
-                           "(or use --engine local).") from None
+    """The running SparkSession if there is one (left running), else a new one (stopped after):
+    the configured master, or local[*] on loopback without a web UI."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName("phenotyper score")
-    master = os.environ.get(MASTER_VARIABLE) or SparkConf().get("spark.master", None)
+    master = os.environ.get(MASTER_VARIABLE)
+    if master is None and not _master_configured():
+        master = "local[*]"
+    if master is not None:
+        builder = builder.master(master)
     if master is None or master.startswith("local"):
-        builder = (builder.master(master or "local[*]")
-                   .config("spark.driver.host", "127.0.0.1")
+        builder = (builder.config("spark.driver.host", "127.0.0.1")
                    .config("spark.driver.bindAddress", "127.0.0.1")
                    .config("spark.ui.enabled", "false")
                    .config("spark.ui.showConsoleProgress", "false"))
-    else:
-        builder = builder.master(master)
-    session = builder.getOrCreate()
+    try:
+        session = builder.getOrCreate()
+    except Exception as error:  # e.g. no Java: pyspark's own message says what is missing
+        raise ScoringError(f"Cannot start Spark: {error}. The spark engine needs Java 17 "
+                           "(or use --engine local).") from None
     session.sparkContext.setLogLevel("ERROR")
     try:
         yield session
     finally:
         session.stop()
+
+
+def _master_configured() -> bool:
+    """Whether Spark's usual settings name a master: spark-submit (which starts this process
+    with a gateway) or `spark.master` in spark-defaults.conf."""
+    if "PYSPARK_GATEWAY_PORT" in os.environ or "MASTER" in os.environ:
+        return True
+    folder = os.environ.get("SPARK_CONF_DIR") or (
+        os.path.join(os.environ["SPARK_HOME"], "conf") if "SPARK_HOME" in os.environ else None)
+    defaults = Path(folder) / "spark-defaults.conf" if folder else None
+    return bool(defaults and defaults.is_file() and any(
+        line.split()[:1] == ["spark.master"] for line in defaults.read_text().splitlines()))
 
 
 def spark_blocks(request: ScoreRequest, schema: pa.Schema,

@@ -62,18 +62,24 @@ def load_packaged(uri: str, threads: int = 1) -> PackagedPhenotyper:
 
 
 def describe_model(uri: str) -> dict[str, str | None]:
-    """The registered name, version and run id behind a model URI (for scoring manifests)."""
-    info: dict[str, str | None] = {"uri": uri, "name": None, "version": None, "run_id": None}
+    """The registered name, version and run id behind a model URI, and the URI pinned to that
+    version (`resolved_uri`), so a long run loads the same version throughout."""
+    info: dict[str, str | None] = {"uri": uri, "resolved_uri": uri, "name": None,
+                                   "version": None, "run_id": None}
     client = MlflowClient()
     if uri.startswith("models:/"):
         reference = uri.removeprefix("models:/").rstrip("/")
         if "@" in reference:
             name, alias = reference.split("@", 1)
             version = client.get_model_version_by_alias(name, alias)
-        else:
+        elif "/" in reference:
             name, number = reference.rsplit("/", 1)
             version = client.get_model_version(name, number)
-        info.update(name=version.name, version=str(version.version), run_id=version.run_id)
+        else:
+            raise MlflowException(f"give a version or an alias: models:/{reference}/VERSION or "
+                                  f"models:/{reference}@champion")
+        info.update(resolved_uri=f"models:/{version.name}/{version.version}",
+                    name=version.name, version=str(version.version), run_id=version.run_id)
     elif uri.startswith("runs:/"):
         info["run_id"] = uri.removeprefix("runs:/").split("/", 1)[0]
     return info

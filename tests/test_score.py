@@ -109,8 +109,8 @@ def test_manifest_names_the_model_input_and_counts(store, tmp_path):
     _score(store, cohort, output, explain="none")
     manifest = json.loads((tmp_path / "scored.parquet.manifest.json").read_text())
     version = MlflowClient().get_model_version("batchmodel", "1")
-    assert manifest["model"] == {"uri": MODEL, "name": "batchmodel", "version": "1",
-                                 "run_id": version.run_id}
+    assert manifest["model"] == {"uri": MODEL, "resolved_uri": MODEL, "name": "batchmodel",
+                                 "version": "1", "run_id": version.run_id}
     assert manifest["input_sha256"] == hashlib.sha256(cohort.read_bytes()).hexdigest()
     assert manifest["rows_in"] == manifest["rows_out"] == 300
     assert sum(manifest["phenotype_counts"].values()) == 300
@@ -165,6 +165,8 @@ def test_ctrl_c_leaves_nothing_at_the_destination_and_says_so(store, tmp_path):
     (["--input", "cohort.csv", "--output", "out.csv", "--report", "r.pdf"], "name it .html"),
     (["--input", "cohort.csv", "--output", "out.csv", "--model", "models:/nothing@champion"],
      "Cannot load model models:/nothing@champion"),
+    (["--input", "cohort.csv", "--output", "out.csv", "--model", "models:/batchmodel"],
+     "give a version or an alias"),
 ])
 def test_bad_requests_get_a_clear_error(store, tmp_path, monkeypatch, arguments, message):
     monkeypatch.chdir(tmp_path)
@@ -187,3 +189,25 @@ def test_cli_prints_counts_and_shows_no_progress_bar_off_a_terminal(store, tmp_p
 def test_request_refuses_an_unknown_engine_before_reading(tmp_path):
     with pytest.raises(ScoringError, match="--engine must be one of local, spark"):
         score_file(ScoreRequest(MODEL, tmp_path / "x.csv", tmp_path / "y.csv", engine="gpu"))
+
+
+def test_an_alias_is_pinned_to_one_version_and_report_folders_are_made(store, tmp_path):
+    tracking.promote("batchmodel", "1")
+    cohort = tmp_path / "cohort.parquet"
+    simulate("provide", 50, seed=8).to_parquet(cohort)
+    report = tmp_path / "new" / "folder" / "report.html"
+    manifest = score_file(ScoreRequest("models:/batchmodel@champion", cohort,
+                                       tmp_path / "out" / "scored.parquet", report_path=report))
+    assert manifest["model"]["uri"] == "models:/batchmodel@champion"
+    assert manifest["model"]["resolved_uri"] == "models:/batchmodel/1"
+    assert report.is_file() and (tmp_path / "out" / "scored.parquet.manifest.json").is_file()
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(store, tmp_path):
+    (tmp_path / "scored.parquet").mkdir()
+    simulate("provide", 20, seed=1).to_csv(tmp_path / "cohort.csv", index=False)
+    result = runner.invoke(app, ["score", "--model", MODEL, "--input",
+                                 str(tmp_path / "cohort.csv"), "--output",
+                                 str(tmp_path / "scored.parquet")])
+    assert result.exit_code == 2 and "is a folder" in result.output
+    assert not any((tmp_path / "scored.parquet").iterdir())
