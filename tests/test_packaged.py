@@ -49,11 +49,12 @@ def test_packaged_model_gives_the_fitted_models_probabilities(
     train, test = cohorts
     model = _fit(kind, train, recalibrated)
     packaged = _packaged(model, tmp_path)
-    out = packaged.predict(test)
     expected = model.predict_proba(test)
     assert [str(c) for c in model.classes_] == packaged.classes
-    np.testing.assert_allclose(_class_columns(out, packaged.classes), expected, atol=1e-6)
-    assert (out["phenotype"].to_numpy() == model.predict(test)).all()
+    for explain in ("predicted", "none"):  # with TreeSHAP/contributions, and from the margin
+        out = packaged.predict(test, explain=explain)
+        np.testing.assert_allclose(_class_columns(out, packaged.classes), expected, atol=1e-6)
+        assert (out["phenotype"].to_numpy() == model.predict(test)).all()
 
 
 def test_tree_shap_values_equal_shaps_tree_explainer(cohorts, tmp_path: Path) -> None:
