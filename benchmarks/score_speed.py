@@ -52,7 +52,8 @@ def _write_cohort(paths: list[Path], rows: int, seed: int) -> None:
                 piece.to_csv(path, mode="a", header=start == 0, index=False)
                 continue
             table = pa.Table.from_pandas(piece, preserve_index=False)
-            writers.setdefault(path, pq.ParquetWriter(path, table.schema))
+            if path not in writers:
+                writers[path] = pq.ParquetWriter(path, table.schema)
             writers[path].write_table(table, row_group_size=BLOCK_ROWS)
     for writer in writers.values():
         writer.close()
