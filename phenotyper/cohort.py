@@ -169,7 +169,7 @@ class ColumnMapping:
 # --- reading --------------------------------------------------------------------------------
 
 
-BLOCK_ROWS = 100_000  # rows per block when streaming: memory stays flat whatever the file size
+BLOCK_ROWS = 50_000  # rows per block when streaming: memory stays flat whatever the file size
 
 
 @dataclass
