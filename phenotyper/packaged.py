@@ -3,12 +3,13 @@
 `export` turns a fitted candidate (logistic or XGBoost pipeline, optionally recalibrated) into
 files that need no pickle: `phenotyper.json` (features, preprocessing, coefficients, class
 names, calibration map, rule thresholds, panel ranges) and, for trees, the booster in XGBoost's
-own format. `PackagedPhenotyper` reads them back and scores a cohort with numpy and xgboost only.
+own format. `PackagedPhenotyper` reads them back and scores a cohort with numpy, xgboost and
+numba only (the trees' SHAP tables are compiled from the booster at load, see explain.py).
 
 Every model here is linear in its softmax logits once the features are fixed: the logistic
-model exactly, the trees through XGBoost's exact TreeSHAP contributions, and the recalibration
-map is linear in the base logits. So each patient's logit for each phenotype is exactly
-`base + sum(contributions)`, one contribution per panel feature.
+model exactly, the trees through exact TreeSHAP contributions (XGBoost's numbers), and the
+recalibration map is linear in the base logits. So each patient's logit for each phenotype is
+exactly `base + sum(contributions)`, one contribution per panel feature.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from phenotyper.explain import tree_explainer
 from phenotyper.models import LINEAR_SCALE_MARKERS, LogitRecalibrated, WeightedXGBClassifier
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES
 from phenotyper.rules import (
@@ -90,13 +92,14 @@ class PackagedPhenotyper:
             raise ValueError(f"{folder / SPEC_FILE}: unsupported format version")
         self.features: list[str] = self.spec["features"]
         self.classes: list[str] = self.spec["classes"]
-        self.booster = None
+        self.booster = self.explainer = None
         if self.spec["kind"] == "xgboost":
             import xgboost
 
             self.booster = xgboost.Booster()
             self.booster.load_model(str(folder / self.spec["booster"]))
             self.booster.set_param({"nthread": threads})
+            self.explainer = tree_explainer(self.booster, threads)  # compiled at load
 
     # --- features -------------------------------------------------------------------------
 
@@ -145,10 +148,7 @@ class PackagedPhenotyper:
             return (np.empty((0, len(self.classes), len(self.features))),
                     self._base(), status)
         if self.spec["kind"] == "xgboost":
-            import xgboost
-
-            raw = self.booster.predict(xgboost.DMatrix(X, missing=np.nan), pred_contribs=True)
-            raw = np.asarray(raw).reshape(len(X), len(self.classes), -1)
+            raw = self.explainer.shap_values(X)  # (n, K, F + 1), bias last
             contributions, base = raw[:, :, :-1], raw[0, :, -1] + np.array(
                 self.spec["logit_offset"])
         else:

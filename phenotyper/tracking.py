@@ -250,7 +250,7 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{package}=={version(package)}" for package in
-            ("mlflow", "scikit-learn", "xgboost", "numpy", "pandas")]
+            ("mlflow", "scikit-learn", "xgboost", "numpy", "pandas", "numba")]
 
 
 def _png_array(png: bytes) -> Any:
