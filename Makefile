@@ -55,3 +55,4 @@ bench: setup
 	$(BIN)/python benchmarks/serving_latency.py
 	$(BIN)/python benchmarks/score_speed.py
 	$(BIN)/python benchmarks/score_speed.py --candidate xgboost --rows 200000 --memory-rows 0
+	$(BIN)/python benchmarks/shap_speed.py

@@ -162,6 +162,12 @@ class PackagedPhenotyper:
         contributions[bad] = np.nan
         return contributions, base, status
 
+    def describe_explainer(self) -> dict[str, Any]:
+        """How the explanations are computed, for manifests and model cards."""
+        if self.explainer is None:
+            return {"method": "exact linear contributions (coefficient x standardised value)"}
+        return self.explainer.describe()
+
     def _base(self) -> np.ndarray:
         """The logits' base values, for an empty input (no row to read them from)."""
         return self.contributions(pd.DataFrame({f: [np.nan] for f in self.features}))[1]

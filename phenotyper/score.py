@@ -373,6 +373,7 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
             "model": model_info,
             "engine": request.engine,
             "explain": request.explain,
+            "explainer": model.describe_explainer() if request.explain != "none" else None,
             "rows_in": rows_in,
             "rows_out": summary.rows,
             **summary.as_dict(),

@@ -15,8 +15,9 @@ settings.load_profile("phenotyper")
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A folder with a SQLite store (set as MLFLOW_TRACKING_URI) holding one small registered
-    logistic model, models:/batchmodel/1, for the scoring tests."""
+    """A folder with a SQLite store (set as MLFLOW_TRACKING_URI) holding two small registered
+    models for the scoring tests: logistic models:/batchmodel/1 and XGBoost
+    models:/batchtrees/1."""
     from phenotyper import tracking
     from phenotyper.experiment import ExperimentSpec, train
 
@@ -27,6 +28,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     train(ExperimentSpec(name="batch", registered_model="batchmodel", label="phenotype_true",
                          preset="provide", n=2000, cohort_seed=6,
                          candidates={"logistic": {"C": [1.0]}}, bootstrap=30, noise_repeats=0))
+    train(ExperimentSpec(name="batchtrees", registered_model="batchtrees",
+                         label="phenotype_true", preset="provide", n=2000, cohort_seed=6,
+                         candidates={"xgboost": {"n_estimators": [60], "max_depth": [4]}},
+                         bootstrap=30, noise_repeats=0))
     yield folder
     if saved is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

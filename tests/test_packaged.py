@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import shap
 
+from phenotyper.explain import TreeShapTables
 from phenotyper.models import LogitRecalibrated, build_candidate
 from phenotyper.packaged import OK, PackagedPhenotyper, export
 from phenotyper.panel import PANEL
@@ -58,9 +59,14 @@ def test_packaged_model_gives_the_fitted_models_probabilities(
 
 
 def test_tree_shap_values_equal_shaps_tree_explainer(cohorts, tmp_path: Path) -> None:
+    """The packaged model explains with the compiled tables (not a silent fallback), and its
+    numbers are shap's and XGBoost's."""
     train, test = cohorts
     model = _fit("xgboost", train)
-    contributions, _, _ = _packaged(model, tmp_path).contributions(test)
+    packaged = _packaged(model, tmp_path)
+    assert isinstance(packaged.explainer, TreeShapTables)
+    assert packaged.describe_explainer()["method"] == "compiled TreeSHAP tables"
+    contributions, _, _ = packaged.contributions(test)
     transformed = model[0].transform(test)
     reference = np.asarray(shap.TreeExplainer(model[-1].booster_).shap_values(transformed))
     if reference.shape[1] != len(FEATURES):  # (classes, rows, features) in some shap versions

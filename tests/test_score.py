@@ -211,3 +211,30 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(store, tmp_path):
                                  str(tmp_path / "scored.parquet")])
     assert result.exit_code == 2 and "is a folder" in result.output
     assert not any((tmp_path / "scored.parquet").iterdir())
+
+
+def test_tree_model_explanations_are_xgboosts_numbers_from_the_compiled_tables(store, tmp_path):
+    """Batch scoring a tree model explains with the compiled tables, and every SHAP column
+    of the output equals what XGBoost's own pred_contribs gives through the same model."""
+    from phenotyper.explain import XGBoostContributions
+
+    cohort = tmp_path / "cohort.parquet"
+    simulate("provide", 3000, seed=4).to_parquet(cohort)
+    output = tmp_path / "scored.parquet"
+    manifest = score_file(ScoreRequest("models:/batchtrees/1", cohort, output, explain="all",
+                                       block_rows=1000))
+    assert manifest["explainer"]["method"] == "compiled TreeSHAP tables"
+    assert manifest["explainer"]["table_bytes"] > 0
+    scored = pd.read_parquet(output)
+    reference_model = tracking.load_packaged("models:/batchtrees/1")
+    reference_model.explainer = XGBoostContributions(reference_model.booster, "reference")
+    reference = reference_model.predict(read_cohort(cohort).data, explain="all")
+    shap_columns = [c for c in reference.columns if c.startswith("shap_")]
+    assert len(shap_columns) > 2 * len(reference_model.features)
+    logits = [reference[[f"shap_base_{label}"] + [f"shap_{label}_{f}" for f in
+                                                  reference_model.features]].sum(axis=1)
+              for label in reference_model.classes]
+    scale = float(np.abs(np.column_stack(logits)).max())  # the model's output scale
+    np.testing.assert_allclose(scored[shap_columns], reference[shap_columns], rtol=0,
+                               atol=1e-5 * max(1.0, scale))
+    assert (scored["phenotype"] == reference["phenotype"]).all()
