@@ -74,6 +74,7 @@ class TreeShapTables:
     values: np.ndarray
     build_s: float
     threads: int = 1
+    feature_names: tuple[str, ...] | None = None  # the booster's, checked against a frame's
 
     @property
     def nbytes(self) -> int:
@@ -110,17 +111,25 @@ class TreeShapTables:
         _fill_tables(*layout.leaf_arrays(), arrays["region_bit_count"], arrays["region_width"],
                      arrays["region_table_start"], values)
         nothing = xgboost.DMatrix(np.full((1, n_features), np.nan, dtype=np.float32),
-                                  missing=np.nan)
+                                  missing=np.nan, feature_names=booster.feature_names)
         bias = booster.predict(nothing, pred_contribs=True, strict_shape=True)[0, :, -1]
         tables = cls(n_features=n_features, bias=np.asarray(bias, dtype=np.float64),
                      tree_group=np.asarray(groups, dtype=np.int64), values=values,
-                     build_s=0.0, threads=threads or _cores(), **arrays)
+                     build_s=0.0, threads=threads or _cores(),
+                     feature_names=tuple(booster.feature_names or ()) or None, **arrays)
         tables.shap_values(np.full((1, n_features), np.nan))  # compiles the kernel now
         object.__setattr__(tables, "build_s", time.perf_counter() - started)
         return tables
 
     def shap_values(self, X: Any) -> np.ndarray:
-        """Exact SHAP of each row (rows, groups, features + 1), bias last, as pred_contribs."""
+        """Exact SHAP of each row (rows, groups, features + 1), bias last, as pred_contribs.
+        A data frame's columns must be the booster's features, in order; an array is read by
+        position."""
+        if isinstance(X, pd.DataFrame) and self.feature_names and tuple(
+                X.columns) != self.feature_names:
+            raise ValueError(f"X's columns {list(X.columns)} are not the booster's features "
+                             f"{list(self.feature_names)} in that order; select them with "
+                             "X[booster.feature_names]")
         X = _dense_float32(X, self.n_features)
         n = len(X)
         out = np.empty((n, len(self.bias), self.n_features + 1))
@@ -158,7 +167,9 @@ class XGBoostContributions:
     def shap_values(self, X: Any) -> np.ndarray:
         import xgboost
 
-        matrix = xgboost.DMatrix(X, missing=np.nan, enable_categorical=True)
+        names = None if isinstance(X, pd.DataFrame) else self.booster.feature_names
+        matrix = xgboost.DMatrix(X, missing=np.nan, enable_categorical=True,
+                                 feature_names=names)  # an array is read by position
         return np.asarray(self.booster.predict(matrix, pred_contribs=True, strict_shape=True),
                           dtype=np.float64)
 

@@ -168,6 +168,21 @@ def test_threads_and_blocks_do_not_change_a_single_number() -> None:
                                   one[17:18])
 
 
+def test_pruned_trees_with_deleted_nodes() -> None:
+    """Pruning after training leaves deleted nodes in the arrays; only what the root reaches
+    counts."""
+    booster, X = _train({"max_depth": 5}, 10, features=5, classes=3)
+    pruned = xgboost.train({"process_type": "update", "updater": "prune", "gamma": 20.0,
+                            "max_depth": 5, "objective": "multi:softprob", "num_class": 3},
+                           xgboost.DMatrix(X, np.arange(len(X)) % 3, missing=np.nan), 10,
+                           xgb_model=booster)
+    trees = json.loads(pruned.save_raw("json"))["learner"]["gradient_booster"]["model"]["trees"]
+    assert sum(int(t["tree_param"]["num_deleted"]) for t in trees) > 0
+    reference = _xgboost(pruned, X)
+    np.testing.assert_allclose(shap_values(pruned, X), reference, rtol=0,
+                               atol=_tolerance(reference))
+
+
 def test_input_forms_and_input_errors() -> None:
     booster, X = _train({"max_depth": 3}, 5, features=4, classes=3)
     explainer = tree_explainer(booster)
@@ -180,6 +195,12 @@ def test_input_forms_and_input_errors() -> None:
     bad[7, 2] = np.inf
     with pytest.raises(ValueError, match=r"X\[7, 2\] is infinite"):
         explainer.shap_values(bad)
+    named = xgboost.train({"max_depth": 2}, xgboost.DMatrix(frame, X[:, 0] > 0), 3)
+    named_explainer = tree_explainer(named)
+    np.testing.assert_array_equal(named_explainer.shap_values(frame),
+                                  named_explainer.shap_values(X))
+    with pytest.raises(ValueError, match=r"not the booster's features \['f0', 'f1'"):
+        named_explainer.shap_values(frame[["f1", "f0", "f2", "f3"]])
 
 
 def _categorical_booster() -> tuple[xgboost.Booster, pd.DataFrame]:
