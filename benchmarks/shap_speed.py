@@ -26,7 +26,7 @@ import numpy as np
 import xgboost
 from results_file import write_results  # benchmarks/ is on sys.path when run
 
-from phenotyper.explain import ROW_BLOCK, TreeShapTables
+from phenotyper.explain import TreeShapTables
 from phenotyper.models import build_candidate
 from phenotyper.panel import PANEL
 from phenotyper.simulate import simulate
@@ -107,7 +107,7 @@ def measure(depth: int, rows: int, rounds: int, explainer_rows: int) -> dict:
         "build_s": {"first_in_process": round(first_build_s, 2),  # depth 4: with compile
                     "warm": round(tables.build_s, 2)},
         "memory_bytes": {"tables": tables.nbytes,
-                         "per_thread_working": ROW_BLOCK * width * (4 + 8 * groups),
+                         "per_thread_working": tables.describe()["working_bytes_per_thread"],
                          "output_per_row": 8 * groups * width},
     }
 

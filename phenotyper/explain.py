@@ -2,8 +2,8 @@
 look at.
 
 `shap_values(booster, X)` gives the same numbers, in the same layout, as XGBoost's
-`pred_contribs` (path-dependent TreeSHAP: rows x groups x features+1, bias last), one to two
-orders of magnitude faster. Why it can: within one leaf's path, a feature's contribution depends
+`pred_contribs` (path-dependent TreeSHAP: rows x groups x features+1, bias last), typically
+two orders of magnitude faster. Why it can: within one leaf's path, a feature's contribution depends
 only on which of the path's conditions the row satisfies. So a region of a tree (a small subtree
 with the split directions of its ancestors) is compiled once into a table indexed by the
 direction bits of its split nodes; explaining a row is then a few comparisons, an index and a
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 MAX_REGION_BITS = 8  # a region's table has at most 2**8 rows unless a lone leaf is deeper
 MAX_TABLE_BYTES = 1 << 30
-ROW_BLOCK = 2048  # rows explained together while one tree's tables are in cache
+ROW_BLOCK = 2048  # rows explained together while one tree's tables are in cache...
+BLOCK_BYTES = 4 << 20  # ...unless a block's sums would outgrow this (wide models)
 
 
 class UnsupportedBooster(ValueError):
@@ -82,8 +83,11 @@ class TreeShapTables:
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
     def describe(self) -> dict[str, Any]:
+        groups, width = len(self.bias), self.n_features + 1
+        block = _block_rows(ROW_BLOCK, groups, width)
         return {"method": "compiled TreeSHAP tables", "trees": len(self.tree_group),
                 "regions": len(self.region_width), "table_bytes": self.nbytes,
+                "working_bytes_per_thread": block * width * (4 + 8 * groups),
                 "build_s": round(self.build_s, 3)}
 
     @classmethod
@@ -94,9 +98,10 @@ class TreeShapTables:
         import xgboost
 
         started = time.perf_counter()
+        booster = _as_booster(booster)
         model = json.loads(booster.save_raw("json"))["learner"]
         n_features = int(model["learner_model_param"]["num_feature"])
-        trees, groups = _supported_trees(model)
+        trees, groups = _supported_trees(model, booster.feature_types)
         layout = _Layout()
         for tree in trees:
             layout.add_tree(tree, max_region_bits)
@@ -139,10 +144,12 @@ class TreeShapTables:
                   self.region_width, self.region_slot_feature, self.region_table_start,
                   self.values, self.bias)
 
-        def explain(rows: tuple[int, int]) -> None:
-            _explain_rows(X, rows[0], rows[1], *arrays, out, ROW_BLOCK)
+        block = _block_rows(n, len(self.bias), self.n_features + 1)
 
-        chunks = max(1, min(self.threads, math.ceil(n / ROW_BLOCK)))
+        def explain(rows: tuple[int, int]) -> None:
+            _explain_rows(X, rows[0], rows[1], *arrays, out, block)
+
+        chunks = max(1, min(self.threads, math.ceil(n / block)))
         edges = np.linspace(0, n, chunks + 1).astype(int)
         pieces = list(itertools.pairwise(edges))
         if chunks == 1:
@@ -183,7 +190,7 @@ def tree_explainer(booster: Any, threads: int | None = None
         warnings.warn(f"Fast TreeSHAP does not cover this model: {reason}. Using XGBoost's "
                       "pred_contribs instead (same numbers, slower).", FallbackWarning,
                       stacklevel=2)
-        return XGBoostContributions(booster, str(reason))
+        return XGBoostContributions(_as_booster(booster), str(reason))
 
 
 def shap_values(booster: Any, X: Any, threads: int | None = None) -> np.ndarray:
@@ -195,12 +202,30 @@ def shap_values(booster: Any, X: Any, threads: int | None = None) -> np.ndarray:
     return tree_explainer(booster, threads).shap_values(X)
 
 
+def _block_rows(rows: int, groups: int, width: int) -> int:
+    """Rows per kernel block: ROW_BLOCK, fewer for a small input or a wide model (its per-block
+    sums, groups x width float64 per row, stay within BLOCK_BYTES)."""
+    return max(1, min(ROW_BLOCK, rows, BLOCK_BYTES // (8 * groups * width + 4 * width)))
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _dense_float32(X: Any, n_features: int) -> np.ndarray:
-    """X as XGBoost sees it: C-ordered float32, NaN missing; infinities refused as XGBoost does."""
+    """X as XGBoost sees it: C-ordered float32, NaN (or pandas NA, or an entry a sparse matrix
+    does not store) missing; infinities refused as XGBoost does."""
+    if hasattr(X, "tocoo"):  # scipy sparse
+        stored = X.tocoo()
+        X = np.full(stored.shape, np.nan, dtype=np.float32)
+        X[stored.row, stored.col] = stored.data
+    elif isinstance(X, pd.DataFrame):
+        text = [str(c) for c, dtype in X.dtypes.items()
+                if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))]
+        if text:
+            raise ValueError(f"X's columns {text} are not numeric; the tables explain numeric "
+                             "features only")
+        X = X.to_numpy(dtype=np.float32, na_value=np.nan)
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2 or X.shape[1] != n_features:
         raise ValueError(f"X has shape {X.shape}; the booster expects (rows, {n_features})")
@@ -212,20 +237,26 @@ def _dense_float32(X: Any, n_features: int) -> np.ndarray:
     return X
 
 
-def _supported_trees(model: dict) -> tuple[list[dict], list[int]]:
+def _supported_trees(model: dict, feature_types: list[str] | None
+                     ) -> tuple[list[dict], list[int]]:
     """The booster's trees and the output group of each, or UnsupportedBooster saying why."""
     booster = model["gradient_booster"]
     if booster["name"] != "gbtree":
         raise UnsupportedBooster(f"booster '{booster['name']}' is not gbtree")
+    trees = booster["model"]["trees"]
+    if any(int(tree["tree_param"].get("size_leaf_vector", 1)) > 1 for tree in trees):
+        raise ValueError("the model has vector leaves (multi_strategy='multi_output_tree'); "
+                         "neither these tables nor XGBoost's pred_contribs explain those")
     if int(model["learner_model_param"].get("num_target", 1)) != 1:
         raise UnsupportedBooster("it has more than one regression target")
-    trees = booster["model"]["trees"]
-    for tree in trees:
-        if int(tree["tree_param"].get("size_leaf_vector", 1)) > 1:
-            raise UnsupportedBooster("it has vector leaves (multi_strategy='multi_output_tree')")
-        if any(tree["split_type"]):
-            raise UnsupportedBooster("it has categorical splits")
+    if "c" in (feature_types or []) or any(any(tree["split_type"]) for tree in trees):
+        raise UnsupportedBooster("it has categorical features")
     return trees, booster["model"]["tree_info"]
+
+
+def _as_booster(model: Any) -> Any:
+    """The Booster itself, from a Booster or a fitted XGBoost scikit-learn estimator."""
+    return model.get_booster() if hasattr(model, "get_booster") else model
 
 
 class _Layout:
@@ -301,11 +332,10 @@ class _Layout:
 
     def arrays(self) -> dict[str, np.ndarray]:
         c = self.columns
-        out = {name: np.asarray(values, dtype=np.int64) for name, values in c.items()}
-        out["tree_region_start"] = np.asarray([*c["tree_region_start"], len(c["region_width"])],
-                                              dtype=np.int64)
-        out["node_threshold"] = np.asarray(c["node_threshold"], dtype=np.float32)
-        out["node_default_left"] = np.asarray(c["node_default_left"], dtype=np.bool_)
+        dtypes = {"node_threshold": np.float32, "node_default_left": np.bool_}
+        out = {name: np.asarray(values, dtype=dtypes.get(name, np.int64))
+               for name, values in c.items()}
+        out["tree_region_start"] = np.append(out["tree_region_start"], len(c["region_width"]))
         return out
 
     def leaf_arrays(self) -> tuple[np.ndarray, ...]:
@@ -354,7 +384,7 @@ def _fill_tables(leaf_region, leaf_value, leaf_path_start, leaf_path_count, path
     a function of which path features the row satisfies: tabulated per leaf over those 2**m
     patterns, then read for each combination of the region's direction bits.
     """
-    unique = np.empty(64, np.int64)
+    unique = np.empty(64, np.int64)  # a path's features: the table bound keeps them < 30
     z = np.empty(64)
     e = np.empty(65)
     for leaf in range(leaf_region.shape[0]):

@@ -183,6 +183,18 @@ def test_pruned_trees_with_deleted_nodes() -> None:
                                atol=_tolerance(reference))
 
 
+def test_extreme_thresholds() -> None:
+    """Thresholds beyond int64 and at float32's edge (XGBoost may save one as Infinity)."""
+    X, signal = _data(400, 3, seed=5)
+    X[:, 1] *= 1e19
+    X[:, 2] = np.where(X[:, 2] > 0, np.finfo(np.float32).max, -1.0)
+    booster = xgboost.train({"max_depth": 3, "nthread": 1},
+                            xgboost.DMatrix(X, signal, missing=np.nan), 10)
+    reference = _xgboost(booster, X)
+    np.testing.assert_allclose(shap_values(booster, X), reference, rtol=0,
+                               atol=_tolerance(reference))
+
+
 def test_input_forms_and_input_errors() -> None:
     booster, X = _train({"max_depth": 3}, 5, features=4, classes=3)
     explainer = tree_explainer(booster)
@@ -201,6 +213,27 @@ def test_input_forms_and_input_errors() -> None:
                                   named_explainer.shap_values(X))
     with pytest.raises(ValueError, match=r"not the booster's features \['f0', 'f1'"):
         named_explainer.shap_values(frame[["f1", "f0", "f2", "f3"]])
+    # pandas' nullable floats: NA is missing, as in XGBoost
+    np.testing.assert_array_equal(explainer.shap_values(frame.astype("Float64")),
+                                  explainer.shap_values(X))
+    with pytest.raises(ValueError, match=r"\['f1'\] are not numeric"):
+        explainer.shap_values(frame.assign(f1="high"))
+    # a fitted scikit-learn estimator is explained through its booster
+    regressor = xgboost.XGBRegressor(n_estimators=5, max_depth=2).fit(X, X[:, 0] > 0)
+    np.testing.assert_array_equal(shap_values(regressor, X),
+                                  shap_values(regressor.get_booster(), X))
+
+
+def test_a_sparse_matrix_reads_absent_entries_as_missing_as_xgboost_does() -> None:
+    from scipy import sparse
+
+    booster, X = _train({"max_depth": 4}, 10, features=6, classes=3, missing=0.0)
+    rng = np.random.default_rng(8)
+    values = np.where(rng.random(X.shape) < 0.5, 0.0, X)  # half the entries not stored
+    matrix = sparse.csr_matrix(values)
+    reference = booster.predict(xgboost.DMatrix(matrix), pred_contribs=True, strict_shape=True)
+    np.testing.assert_allclose(shap_values(booster, matrix), reference, rtol=0,
+                               atol=_tolerance(reference))
 
 
 def _categorical_booster() -> tuple[xgboost.Booster, pd.DataFrame]:
@@ -222,9 +255,9 @@ def test_models_outside_the_tables_fall_back_to_xgboost_and_say_why() -> None:
     np.testing.assert_array_equal(explainer.shap_values(X), _xgboost(dart, X))
 
     categorical, frame = _categorical_booster()
-    with pytest.raises(UnsupportedBooster, match="categorical splits"):
+    with pytest.raises(UnsupportedBooster, match="categorical features"):
         TreeShapTables.from_booster(categorical)
-    with pytest.warns(FallbackWarning, match="categorical splits"):
+    with pytest.warns(FallbackWarning, match="categorical features"):
         values = shap_values(categorical, frame)
     np.testing.assert_array_equal(values, categorical.predict(
         xgboost.DMatrix(frame, enable_categorical=True), pred_contribs=True, strict_shape=True))
@@ -232,6 +265,23 @@ def test_models_outside_the_tables_fall_back_to_xgboost_and_say_why() -> None:
     booster, X = _train({"max_depth": 6}, 20, features=6, classes=3)
     with pytest.raises(UnsupportedBooster, match=r"MiB, over the 0 MiB bound"):
         TreeShapTables.from_booster(booster, max_table_bytes=1000)
+
+    vector_leaves, X = _train({"multi_strategy": "multi_output_tree", "tree_method": "hist",
+                               "max_depth": 3}, 3, features=4, classes=3)
+    with pytest.raises(ValueError, match="neither these tables nor XGBoost's pred_contribs"):
+        tree_explainer(vector_leaves)
+
+
+def test_a_categorical_feature_no_tree_splits_on_still_falls_back() -> None:
+    """Its data cannot be read as numbers, so the tables would fail on it: XGBoost reads it."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=300),
+                          "c": pd.Categorical(rng.choice(list("ab"), 300))})
+    booster = xgboost.train({"max_depth": 2, "nthread": 1},
+                            xgboost.DMatrix(frame, frame["x"] * 2, enable_categorical=True), 3)
+    with pytest.warns(FallbackWarning, match="categorical features"):
+        values = shap_values(booster, frame)
+    assert values.shape == (300, 1, 3) and np.all(values[:, 0, 1] == 0)
 
 
 def test_reported_size_and_build_time() -> None:
