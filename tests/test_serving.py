@@ -7,8 +7,11 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from phenotyper import tracking
 from phenotyper.experiment import ExperimentSpec, train
 from phenotyper.serving import post, running_server, score
 from phenotyper.simulate import simulate
@@ -103,3 +106,19 @@ def test_whole_numbers_text_and_odd_codes_are_scored_or_flagged_row_by_row(serve
     assert rows[1]["rule_phenotype"] == "indeterminate"  # the rule ignores a rejected value
     assert rows[2]["status"] == "sex 'X' is not F or M"
     assert rows[3]["status"] == "ok" and rows[3]["rule_phenotype"] == "immunoparalysis"
+
+
+def test_a_tree_model_is_served_with_its_exact_shap_tables(store, monkeypatch) -> None:
+    """An XGBoost model loads in the scoring server without pickle, compiles its SHAP tables
+    there, and answers with the explanations the packaged model gives in process (which
+    test_score checks against XGBoost's own)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    patients = _patients(5)
+    with running_server(model="models:/batchtrees/1") as url:
+        served = pd.DataFrame(score(url, patients, explain="all"))
+    local = tracking.load_packaged("models:/batchtrees/1").predict(
+        pd.DataFrame(patients), explain="all")
+    shap_columns = [c for c in local.columns if c.startswith("shap_")]
+    assert (served["status"] == "ok").all()
+    np.testing.assert_allclose(served[shap_columns].to_numpy(dtype=float),
+                               local[shap_columns].to_numpy(dtype=float), rtol=0, atol=1e-9)
