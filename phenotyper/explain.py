@@ -11,9 +11,10 @@ handful of table reads per region, done for a block of rows at a time while the 
 sit in cache. The tables are plain float64 arrays built from the booster's own JSON in well
 under a second for a few hundred trees; their size is bounded (`max_table_bytes`) and reported.
 
-Models outside what the tables cover (categorical splits, vector leaves, DART, linear
-boosters, tables over the memory bound) get XGBoost's own `pred_contribs`, with a warning that
-says why: slower, never wrong.
+Models outside what the tables cover (categorical features, DART, linear boosters, several
+targets, tables over the memory bound) get XGBoost's own `pred_contribs`, with a warning that
+says why: slower, never wrong. Vector-leaf models, which XGBoost cannot explain either, get an
+error.
 """
 
 from __future__ import annotations
