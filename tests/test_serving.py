@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -116,8 +117,13 @@ def test_a_tree_model_is_served_with_its_exact_shap_tables(store, monkeypatch) -
     patients = _patients(5)
     with running_server(model="models:/batchtrees/1") as url:
         served = pd.DataFrame(score(url, patients, explain="all"))
-    local = tracking.load_packaged("models:/batchtrees/1").predict(
-        pd.DataFrame(patients), explain="all")
+    previous = mlflow.get_tracking_uri()  # the module's server fixture points elsewhere
+    tracking.configure()
+    try:
+        local = tracking.load_packaged("models:/batchtrees/1").predict(
+            pd.DataFrame(patients), explain="all")
+    finally:
+        mlflow.set_tracking_uri(previous)
     shap_columns = [c for c in local.columns if c.startswith("shap_")]
     assert (served["status"] == "ok").all()
     np.testing.assert_allclose(served[shap_columns].to_numpy(dtype=float),
