@@ -21,9 +21,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
+from scipy.special import ndtr
 
+from phenotyper.contract import (
+    ANAKINRA,
+    ARM_OF,
+    ARMS,
+    DEATH_28D,
+    INTERFERON_GAMMA,
+    PLACEBO,
+    SOFA_RESPONSE,
+    TREATMENT,
+    TREATMENT_PROBABILITY,
+    potential_outcome_column,
+)
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
-from phenotyper.rules import INDETERMINATE, PHENOTYPES, immunosep_phenotype
+from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, immunosep_phenotype
 
 FACTORS: tuple[str, ...] = ("inflammation", "immunosuppression", "organ_dysfunction")
 NOTE_KEYS: tuple[str, ...] = ("source", "assumption", "calibrated")
@@ -35,8 +49,12 @@ SOFA_REFERENCE, AGE_REFERENCE_YEARS = 9.0, 70.0
 
 TRUTH_COLUMN = "phenotype_true"
 RULE_COLUMN = "phenotype_rule"
-DEATH_COLUMN = "death_28d"
+DEATH_COLUMN = DEATH_28D
 SYNTHETIC_COLUMN = "synthetic"  # True on every simulated row: results on it are not evidence
+SECTIONS = ("targets", "population", "measurement", "outcome", "trial", "response")
+# Trial designs a preset's [trial] may declare (see `_run_trial`).
+RULE_POSITIVE, ALL_COMERS, OBSERVATIONAL = "rule-positive", "all-comers", "observational"
+TRIAL_DESIGNS = (RULE_POSITIVE, ALL_COMERS, OBSERVATIONAL)
 
 
 class PresetError(ValueError):
@@ -89,23 +107,57 @@ def _split_parameters(section_name: str, section: dict[str, Any]) -> tuple[dict,
     return values, notes
 
 
-def load_preset(name: str) -> Preset:
-    """Load a preset by name, with the shared marker law from `_markers.toml` merged in."""
-    names = available_presets()
+def _check_name(name: str, names: list[str], what: str) -> None:
     if name not in names:
         near = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise PresetError(f"Unknown preset '{name}'.{hint} Available: {', '.join(names)}.")
+        raise PresetError(f"Unknown {what} '{name}'.{hint} Available: {', '.join(names)}.")
+
+
+def _document(name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's TOML with the presets it `extends` merged under it, parameter by parameter."""
+    if name in chain:
+        raise PresetError(f"Preset '{name}' extends itself: {' -> '.join((*chain, name))}")
     document = _read_toml(name)
+    parent = document.pop("extends", None)
+    if parent is None:
+        return document
+    _check_name(str(parent), available_presets(), f"preset to extend (in {name}.toml)")
+    merged = _document(str(parent), (*chain, name))
+    for key, value in document.items():
+        if isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_preset(name: str) -> Preset:
+    """Load a preset by name: its parents (`extends`) and the shared marker law merged in.
+
+    A preset may override any parameter of the preset it extends, and any parameter of a
+    marker in `_markers.toml` (a `[ferritin_ng_ml]` table in the preset, say).
+    """
+    _check_name(name, available_presets(), "preset")
+    document = _document(name)
+    unknown = set(document) - {"name", "description", *SECTIONS, *LAB_MARKERS}
+    if unknown:
+        raise PresetError(f"Preset '{name}': unknown tables {sorted(unknown)}; a preset has "
+                          f"{', '.join(SECTIONS)} and marker tables")
     values: dict[str, dict[str, Any]] = {}
     notes: dict[str, dict[str, str]] = {}
-    for section in ("targets", "population", "measurement", "outcome"):
+    for section in SECTIONS:
         values[section], notes[section] = _split_parameters(section, document.get(section, {}))
     for column, section in _read_toml("_markers").items():
-        values[column], notes[column] = _split_parameters(column, section)
+        values[column], notes[column] = _split_parameters(
+            column, {**section, **document.get(column, {})})
     missing_markers = set(LAB_MARKERS) - set(values)
     if missing_markers:
         raise PresetError(f"_markers.toml lacks {sorted(missing_markers)}")
+    design = values["trial"].get("design")
+    if design is not None and design not in TRIAL_DESIGNS:
+        raise PresetError(f"Preset '{name}': [trial] design '{design}' is not one of "
+                          f"{', '.join(TRIAL_DESIGNS)}")
     return Preset(name, document.get("description", ""), values, notes)
 
 
@@ -209,14 +261,145 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
 
 
 def simulate(preset: str | Preset, n: int, seed: int) -> pd.DataFrame:
-    """A synthetic cohort of `n` patients; the same (preset, n, seed) always gives the same rows."""
+    """A synthetic cohort of `n` patients; the same (preset, n, seed) always gives the same rows.
+
+    A preset with a `[trial]` also assigns treatment and draws the outcomes under it (see
+    `_run_trial`); `n` then counts the patients screened, randomised or not.
+    """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     law = load_preset(preset) if isinstance(preset, str) else preset
     rng = np.random.default_rng(seed)
     prevalence = _per_phenotype(law["population"]["prevalence"])
     phenotype_code = rng.choice(len(PHENOTYPES), size=n, p=prevalence / prevalence.sum())
-    return _draw(law, phenotype_code, rng).frame
+    draw = _draw(law, phenotype_code, rng)
+    if "design" not in law["trial"]:
+        return draw.frame
+    return _run_trial(law, draw, rng)
+
+
+# --- trials: treatment and outcomes ---------------------------------------------------------
+
+
+def _effects(section: dict[str, Any], matched: float) -> np.ndarray:
+    """Log-odds ratios, arms x true phenotypes: `matched` for a drug in its own phenotype, the
+    preset's `mismatched_log_odds_ratio` elsewhere, 0 for placebo."""
+    table = np.zeros((len(ARMS), len(PHENOTYPES)))
+    for a, arm in enumerate(ARMS):
+        for k, phenotype in enumerate(PHENOTYPES):
+            if arm == ARM_OF[phenotype] and arm != PLACEBO:
+                table[a, k] = matched
+            elif arm != PLACEBO:
+                table[a, k] = section["mismatched_log_odds_ratio"][arm][phenotype]
+    return table
+
+
+def _logistic(log_odds: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-log_odds))
+
+
+def _response_log_odds(law: Preset, frame: pd.DataFrame, code: np.ndarray) -> np.ndarray:
+    """Log-odds of the SOFA response on placebo, per patient (before any drug effect)."""
+    response = law["response"]
+    return (_per_phenotype(response["intercept"])[code]
+            + response["sofa_log_odds_per_point"] * (frame["sofa"].to_numpy() - SOFA_REFERENCE)
+            + response["age_log_odds_per_decade"]
+            * (frame["age_years"].to_numpy() - AGE_REFERENCE_YEARS) / 10)
+
+
+def potential_outcomes(law: Preset, draw: _Draw) -> dict[str, np.ndarray]:
+    """Each patient's true probability of each outcome under every arm: (patients, arms)."""
+    code = draw.phenotype_code
+    death = _per_phenotype(law["outcome"]["intercept"])[code] + \
+        draw.death_log_odds_without_intercept
+    response = _response_log_odds(law, draw.frame, code)
+    death_effect = _effects(law["outcome"], law["outcome"]["matched_log_odds_ratio"])
+    response_effect = _effects(law["response"], law["response"]["matched_log_odds_ratio"])
+    return {
+        SOFA_RESPONSE: _logistic(response[:, None] + response_effect[:, code].T),
+        DEATH_28D: _logistic(death[:, None] + death_effect[:, code].T),
+    }
+
+
+def _blocked_arms(rng: np.random.Generator, site: np.ndarray, eligible: np.ndarray,
+                  arms: np.ndarray) -> np.ndarray:
+    """Arm index per eligible patient: permuted blocks within each site (one sequence per site).
+
+    `arms` is (patients, arms per block) of candidate arm indices, one block cycles through
+    each patient's own arms once, so every site stays balanced as ImmunoSep's did.
+    """
+    width = arms.shape[1]
+    chosen = np.full(len(site), -1)
+    for s in np.unique(site[eligible]):
+        rows = rng.permutation(np.flatnonzero(eligible & (site == s)))
+        blocks = -(-len(rows) // (2 * width))
+        slots = np.concatenate([rng.permutation(np.repeat(np.arange(width), 2))
+                                for _ in range(blocks)])[: len(rows)]
+        chosen[rows] = arms[rows, slots]
+    return chosen
+
+
+def _run_trial(law: Preset, draw: _Draw, rng: np.random.Generator) -> pd.DataFrame:
+    """Assign treatment by the preset's design and draw the outcomes under the arm received.
+
+    - `rule-positive` (ImmunoSep): the rule's MALS and immunoparalysis patients are randomised
+      1:1 within each site to their matched drug or placebo; the rest are not randomised
+      (empty `treatment`) and their outcomes are drawn under standard care (placebo).
+    - `all-comers`: every screened patient is randomised 1:1:1 among the three arms.
+    - `observational`: clinicians mostly treat by the rule, sicker patients more often; the
+      propensity is not recorded (no `treatment_probability` column).
+
+    The two outcomes are drawn together through a Gaussian copula (`[response]
+    death_correlation`), so their probabilities stay exactly those in the potential-outcome
+    columns.
+    """
+    frame = draw.frame.copy()
+    n = len(frame)
+    trial, design = law["trial"], law["trial"]["design"]
+    rule = frame[RULE_COLUMN].to_numpy()
+    site = pd.factorize(frame[SITE_ID])[0]
+    placebo = ARMS.index(PLACEBO)
+    probability = np.full(n, np.nan)
+    if design == RULE_POSITIVE:
+        eligible = np.isin(rule, (MALS, IMMUNOPARALYSIS))
+        drug = np.where(rule == MALS, ARMS.index(ANAKINRA), ARMS.index(INTERFERON_GAMMA))
+        arm = _blocked_arms(rng, site, eligible, np.column_stack([drug, np.full(n, placebo)]))
+        probability[eligible] = 0.5
+    elif design == ALL_COMERS:
+        eligible = np.ones(n, bool)
+        arm = _blocked_arms(rng, site, eligible, np.tile(np.arange(len(ARMS)), (n, 1)))
+        probability[:] = 1.0 / len(ARMS)
+    else:
+        eligible = np.ones(n, bool)
+        score = np.zeros((n, len(ARMS)))
+        severity = trial["sofa_log_odds_per_point"] * (frame["sofa"].to_numpy() - SOFA_REFERENCE)
+        for a, treated_phenotype in ((ARMS.index(ANAKINRA), MALS),
+                                     (ARMS.index(INTERFERON_GAMMA), IMMUNOPARALYSIS)):
+            score[:, a] = np.where(rule == treated_phenotype, trial["by_rule_log_odds"],
+                                   trial["off_rule_log_odds"]) + severity
+        propensity = np.exp(score - score.max(axis=1, keepdims=True))
+        propensity /= propensity.sum(axis=1, keepdims=True)
+        cumulative = propensity.cumsum(axis=1)
+        arm = np.minimum((rng.random(n)[:, None] > cumulative).sum(axis=1), len(ARMS) - 1)
+    received = np.where(eligible, arm, placebo)
+
+    truth = potential_outcomes(law, draw)
+    rows = np.arange(n)
+    rho = law["response"]["death_correlation"]
+    z = rng.standard_normal((n, 2))
+    z[:, 1] = rho * z[:, 0] + np.sqrt(1 - rho**2) * z[:, 1]
+    uniform = ndtr(z)
+    frame[DEATH_28D] = (uniform[:, 0] < truth[DEATH_28D][rows, received]).astype(np.int8)
+    frame[SOFA_RESPONSE] = (uniform[:, 1] < truth[SOFA_RESPONSE][rows, received]).astype(np.int8)
+    frame[TREATMENT] = pd.Series(np.asarray(ARMS, dtype=object)[received], dtype="str").where(
+        eligible, None)
+    if design != OBSERVATIONAL:
+        frame[TREATMENT_PROBABILITY] = probability
+    for outcome in (SOFA_RESPONSE, DEATH_28D):
+        for a, arm_name in enumerate(ARMS):
+            frame[potential_outcome_column(outcome, arm_name)] = truth[outcome][:, a]
+    ordered = [c for c in frame.columns if c != SYNTHETIC_COLUMN] + [SYNTHETIC_COLUMN]
+    return frame[ordered]
 
 
 def is_synthetic(frame: pd.DataFrame) -> bool:
@@ -296,26 +479,101 @@ def calibrate(
     }
 
 
-def write_calibration(name: str) -> dict[str, dict[str, float]]:
+def calibrate_trial(
+    preset: str | Preset, n: int = 400_000, seed: int = 0, site_draws: int = 40
+) -> dict[str, dict[str, Any]]:
+    """Refit a rule-positive trial's effects so its randomised arms hit the published rates.
+
+    Among randomised patients (the rule's MALS and immunoparalysis), the expected SOFA response
+    on placebo is matched by one shift of `[response] intercept` (the differences between
+    phenotypes stay as assumed), then the treated arm's by `[response] matched_log_odds_ratio`,
+    common to both strata; 28-day death on treatment by `[outcome] matched_log_odds_ratio`.
+    Expected rates, not drawn outcomes: 1:1 randomisation makes each arm's expected rate the
+    mean over the randomised patients of their probability under that arm.
+    """
+    law = load_preset(preset) if isinstance(preset, str) else preset
+    if law["trial"].get("design") != RULE_POSITIVE:
+        raise PresetError(f"Preset '{law.name}': only a {RULE_POSITIVE} trial is calibrated "
+                          "to ImmunoSep's arms; a preset extending it inherits its effects")
+    targets = law["targets"]
+    rng = np.random.default_rng(seed)
+    prevalence = _per_phenotype(law["population"]["prevalence"])
+    draws = [_draw(law, rng.choice(len(PHENOTYPES), size=n // site_draws,
+                                   p=prevalence / prevalence.sum()), rng)
+             for _ in range(site_draws)]
+    code = np.concatenate([d.phenotype_code for d in draws])
+    frame = pd.concat([d.frame for d in draws], ignore_index=True)
+    rule = frame[RULE_COLUMN].to_numpy()
+    randomised = np.isin(rule, (MALS, IMMUNOPARALYSIS))
+    code, frame, rule = code[randomised], frame[randomised], rule[randomised]
+    drug = np.where(rule == MALS, ARMS.index(ANAKINRA), ARMS.index(INTERFERON_GAMMA))
+    base = _response_log_odds(law, frame, code)
+    death = (_per_phenotype(law["outcome"]["intercept"])[code]
+             + np.concatenate([d.death_log_odds_without_intercept for d in draws])[randomised])
+
+    def treated_log_odds(section: str, matched: float) -> np.ndarray:
+        return _effects(law[section], matched)[drug, code]
+
+    shift = brentq(lambda c: _logistic(base + c).mean() - targets["response_by_arm"]["placebo"],
+                   -10, 10)
+    response_odds_ratio = brentq(
+        lambda b: _logistic(base + shift + treated_log_odds("response", b)).mean()
+        - targets["response_by_arm"]["treated"], -10, 10)
+    death_odds_ratio = brentq(
+        lambda b: _logistic(death + treated_log_odds("outcome", b)).mean()
+        - targets["death_by_arm"]["treated"], -10, 10)
+    intercept = _per_phenotype(law["response"]["intercept"]) + shift
+    return {
+        "response": {
+            "intercept": dict(zip(PHENOTYPES, np.round(intercept, 3).tolist(), strict=True)),
+            "matched_log_odds_ratio": round(float(response_odds_ratio), 3),
+        },
+        "outcome": {"matched_log_odds_ratio": round(float(death_odds_ratio), 3)},
+        "placebo_death_randomised": {"expected": round(float(_logistic(death).mean()), 4)},
+    }
+
+
+def write_calibration(name: str) -> dict[str, dict[str, Any]]:
     """Recalibrate a shipped preset and rewrite its calibrated values in place (maintainers).
 
     Run after changing the marker law: `python -c "from phenotyper.simulate import
-    write_calibration as w; w('provide')"`. Only the `value = {...}` of the calibrated
-    parameters changes; notes and layout stay as written.
+    write_calibration as w; w('provide')"`. Only the `value = ...` of the calibrated
+    parameters changes; notes and layout stay as written. A trial preset (`[trial] design =
+    "rule-positive"`) gets its trial effects refitted (`calibrate_trial`).
     """
-    fit = calibrate(name)
+    preset = load_preset(name)
+    if preset["trial"].get("design") == RULE_POSITIVE:
+        fit = calibrate_trial(preset)
+        fit.pop("placebo_death_randomised")
+    else:
+        fit = {"population": {"prevalence": None}, "outcome": {"intercept": None}}
+        fit["population"]["prevalence"], fit["outcome"]["intercept"] = calibrate(preset).values()
     path = Path(str(resources.files("phenotyper.presets").joinpath(f"{name}.toml")))
     text = path.read_text()
-    for key, values in fit.items():
-        inner = ", ".join(f"{phenotype} = {value}" for phenotype, value in values.items())
-        text, count = re.subn(
-            rf"^{key} = \{{ value = \{{[^}}]*\}}", f"{key} = {{ value = {{ {inner} }}",
-            text, flags=re.MULTILINE,
-        )
-        if count != 1:
-            raise PresetError(f"{path}: expected one '{key} = {{ value = ... }}' line")
+    for section, parameters in fit.items():
+        for key, value in parameters.items():
+            text = _replace_value(path, text, section, key, value)
     path.write_text(text)
     return fit
+
+
+def _replace_value(path: Path, text: str, section: str, key: str, value: Any) -> str:
+    """`text` with the value of `key` in `[section]` replaced, everything else untouched."""
+    if isinstance(value, dict):
+        written = "{ " + ", ".join(f"{k} = {v}" for k, v in value.items()) + " }"
+    else:
+        written = repr(value)
+    header = re.search(rf"^\[{re.escape(section)}\]\s*$", text, flags=re.MULTILINE)
+    if header is None:
+        raise PresetError(f"{path}: no [{section}] table to write the calibrated {key} into")
+    end = re.search(r"^\[", text[header.end():], flags=re.MULTILINE)
+    body_end = header.end() + (end.start() if end else len(text) - header.end())
+    body, count = re.subn(rf"^{key} = \{{ value = (\{{[^}}]*\}}|[^,]+),",
+                          f"{key} = {{ value = {written},", text[header.end():body_end],
+                          flags=re.MULTILINE)
+    if count != 1:
+        raise PresetError(f"{path}: expected one '{key} = {{ value = ... }}' line in [{section}]")
+    return text[: header.end()] + body + text[body_end:]
 
 
 def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:

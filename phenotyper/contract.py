@@ -1,0 +1,52 @@
+"""The words and column names every layer shares: labels, treatment arms, outcomes.
+
+One fact, one place: the reader, the simulator, the evaluator, training and the reports all read
+these names from here, so a cohort written by one is understood by the others.
+"""
+
+from __future__ import annotations
+
+from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
+
+# Reference labels, matched in any case and around spaces; PROVIDE calls the unclassified
+# patients "intermediate". An empty cell or `indeterminate` means "no label" (left out).
+LABEL_WORDS: dict[str, str] = {
+    **{phenotype.lower(): phenotype for phenotype in PHENOTYPES},
+    "intermediate": UNCLASSIFIED,
+}
+NO_LABEL_WORDS = frozenset({"", INDETERMINATE})
+
+# Treatment arms (ImmunoSep, REFERENCE.md) and the arm each phenotype is treated with.
+ANAKINRA, INTERFERON_GAMMA, PLACEBO = "anakinra", "interferon_gamma", "placebo"
+ARMS: tuple[str, ...] = (ANAKINRA, INTERFERON_GAMMA, PLACEBO)
+ARM_OF: dict[str, str] = {
+    MALS: ANAKINRA,
+    IMMUNOPARALYSIS: INTERFERON_GAMMA,
+    UNCLASSIFIED: PLACEBO,
+    INDETERMINATE: PLACEBO,  # the trial did not randomise patients it could not type
+}
+# Spellings of the arms a trial export may use (compared lower-cased, spaces as "_").
+ARM_WORDS: dict[str, str] = {
+    ANAKINRA: ANAKINRA,
+    INTERFERON_GAMMA: INTERFERON_GAMMA,
+    "interferon-gamma": INTERFERON_GAMMA,
+    "ifn_gamma": INTERFERON_GAMMA,
+    "ifn-gamma": INTERFERON_GAMMA,
+    "ifng": INTERFERON_GAMMA,
+    "ifn-g": INTERFERON_GAMMA,
+    PLACEBO: PLACEBO,
+}
+
+# Trial and outcome columns.
+TREATMENT = "treatment"  # arm received; empty for patients not randomised
+TREATMENT_PROBABILITY = "treatment_probability"  # probability of the arm received
+SOFA_RESPONSE = "sofa_response"  # 1: SOFA fell >= 1.4 points from day 1 to days 2-9 mean
+DEATH_28D = "death_28d"  # 1: died by day 28
+OUTCOME_COLUMNS: tuple[str, ...] = (SOFA_RESPONSE, DEATH_28D)
+# Whether a higher outcome is better, for the outcomes phenotyper knows.
+HIGHER_IS_BETTER: dict[str, bool] = {SOFA_RESPONSE: True, DEATH_28D: False}
+
+
+def potential_outcome_column(outcome: str, arm: str) -> str:
+    """Column of a simulated patient's true probability of `outcome` under `arm`."""
+    return f"{outcome}_probability_{arm}"
