@@ -23,8 +23,28 @@ A mapping file (TOML) names the file's columns and units when they are not canon
     ferritin_ng_ml = { column = "Ferritin", unit = "ug/L" }
     patient_id = { column = "MRN" }           # or simply: patient_id = "MRN"
     sex = { column = "Gender", values = { "1" = "M", "2" = "F" } }
+    treatment = { column = "Arm", values = { "A" = "anakinra", "G" = "interferon_gamma",
+                                             "P" = "placebo" } }
+    death_28d = "Died28"                      # also: treatment_probability, sofa_response
+    [labels]                                  # recode the reference-label column's values
+    "1" = "MALS"
+    "2" = "immunoparalysis"
+    "Inter" = "unclassified"
+    "?" = "indeterminate"                     # no label: the patient is left out
     [options]
     decimal = ","                             # "." or ","; default: decide per column
+
+The trial and outcome columns (`TRIAL_COLUMNS`: treatment, treatment_probability,
+sofa_response, death_28d) are not panel markers: the reader renames the file's column to the
+canonical name and passes it through unparsed (it is not in `CANONICAL_COLUMNS` or the quality
+report's column table), except that `treatment` codes in `values` become arms
+(`contract.ARMS`); a treatment cell that is neither such a code nor an arm's name is an
+`unknown_category` issue and is kept as it is.
+
+`[labels]` maps label texts (compared stripped: exactly first, then in any case) to a
+phenotype, `intermediate` (= unclassified) or `indeterminate` (no label); the reader does not
+touch the label column, it carries the table as `Cohort.label_recode` for `labels.read_labels`,
+which training and the evaluator read labels with.
 """
 
 from __future__ import annotations
@@ -46,7 +66,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from phenotyper.contract import (
+    ARM_WORDS,
+    ARMS,
+    DEATH_28D,
+    SOFA_RESPONSE,
+    TREATMENT,
+    TREATMENT_PROBABILITY,
+)
 from phenotyper.files import atomic_path
+from phenotyper.labels import RECODE_TARGETS, recode_target
 from phenotyper.panel import (
     CANONICAL_COLUMNS,
     NUMERIC_MARKERS,
@@ -60,6 +89,9 @@ from phenotyper.panel import (
 from phenotyper.rules import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+# Trial and outcome columns a mapping may name: renamed to these names, passed through unparsed
+# (treatment codes recoded to arms); not panel columns.
+TRIAL_COLUMNS: tuple[str, ...] = (TREATMENT, TREATMENT_PROBABILITY, SOFA_RESPONSE, DEATH_28D)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ISSUE_COLUMNS = ("row", "column", "source_column", "value", "kind", "detail")
 
@@ -136,7 +168,10 @@ class Cohort:
     file's other columns unchanged. `issues` lists problem cells (`ISSUE_COLUMNS`, 1-based
     data row numbers). `columns` maps each canonical column found to its source column and
     `units` each marker to the unit its source was in. `first_row` is the file row number of
-    `data`'s first row (above 1 for a later block of a file read in blocks).
+    `data`'s first row (above 1 for a later block of a file read in blocks). `label_recode`
+    is the mapping's `[labels]` table (label text -> phenotype or `indeterminate`), for
+    `labels.read_labels`; `trial_columns` maps each trial/outcome column the mapping renamed
+    (`TRIAL_COLUMNS`) to its source column.
     """
 
     data: pd.DataFrame
@@ -145,6 +180,8 @@ class Cohort:
     columns: dict[str, str] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
     first_row: int = 1
+    label_recode: dict[str, str] = field(default_factory=dict)
+    trial_columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,16 +191,19 @@ class ColumnSource:
     column: str
     unit: str = ""
     factor: float = 1.0
-    values: dict[str, str] = field(default_factory=dict)  # sex codes (lower-case) -> "F"/"M"
+    # codes (lower-case) -> "F"/"M" for sex, -> an arm of contract.ARMS for treatment
+    values: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ColumnMapping:
-    """A validated mapping file: column sources by canonical name and the decimal mark."""
+    """A validated mapping file: column sources by canonical (or trial) name, the decimal
+    mark, and the `[labels]` recode (stripped label text -> phenotype or `indeterminate`)."""
 
     path: Path | None = None
     columns: dict[str, ColumnSource] = field(default_factory=dict)
     decimal: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -202,10 +242,20 @@ class CohortFile:
     encoding: str = "utf-8"
     leading_blank_lines: int = 0
     block_rows: int | None = BLOCK_ROWS  # None: the whole file as one block
+    trial_sources: dict[str, ColumnSource] = field(default_factory=dict)  # TRIAL_COLUMNS mapped
 
     @property
     def columns(self) -> dict[str, str]:
         return {name: source.column for name, source in self.sources.items()}
+
+    @property
+    def label_recode(self) -> dict[str, str]:
+        """The mapping's `[labels]` table (for `labels.read_labels`)."""
+        return dict(self.mapping.labels)
+
+    @property
+    def trial_columns(self) -> dict[str, str]:
+        return {name: source.column for name, source in self.trial_sources.items()}
 
     @property
     def units(self) -> dict[str, str]:
@@ -240,11 +290,13 @@ def open_cohort(path: str | Path, mapping: str | Path | None = None,
     else:
         delimiter, encoding, leading = _sniff_text(path)
         header = _delimited_header(path, delimiter, encoding, leading)
-    sources = _resolve_sources(path, header, column_mapping)
+    resolved = _resolve_sources(path, header, column_mapping)
+    sources = {name: source for name, source in resolved.items() if name not in TRIAL_COLUMNS}
+    trial = {name: source for name, source in resolved.items() if name in TRIAL_COLUMNS}
     if not any(name in NUMERIC_MARKERS for name in sources):
         raise CohortError(_no_marker_message(path, header))
     return CohortFile(path, column_mapping, sources, tuple(header), delimiter, encoding, leading,
-                      block_rows)
+                      block_rows, trial_sources=trial)
 
 
 def read_cohort(path: str | Path, mapping: str | Path | None = None) -> Cohort:
@@ -285,13 +337,30 @@ def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> 
             for part in parts)
 
     used = {source.column for source in opened.sources.values()}
-    extras = {name: frame[name] for name in frame.columns if name not in used}
+    trial_of = {source.column: name for name, source in opened.trial_sources.items()}
+    extras: dict[str, object] = {}
+    for name in frame.columns:
+        if name in used:
+            continue
+        if name not in trial_of:
+            extras[name] = frame[name]
+            continue
+        canonical = trial_of[name]  # renamed; passed through unparsed but for treatment codes
+        source = opened.trial_sources[canonical]
+        extras[canonical] = frame[name]
+        if canonical == TREATMENT:
+            extras[canonical], parts = _read_treatment(frame[name], source)
+            issue_parts.extend(
+                part.assign(column=canonical, source_column=source.column,
+                            column_order=len(CANONICAL_COLUMNS) + TRIAL_COLUMNS.index(canonical))
+                for part in parts)
     index = pd.RangeIndex(len(frame))
     result = pd.DataFrame({**data, **extras}, index=index)
     issues = _collect_issues(issue_parts)
     issues["row"] += state.offset
     return Cohort(data=result, issues=issues, source=str(opened.path), columns=opened.columns,
-                  units=opened.units, first_row=state.offset + 1)
+                  units=opened.units, first_row=state.offset + 1,
+                  label_recode=opened.label_recode, trial_columns=opened.trial_columns)
 
 
 def _check_path(path: Path) -> None:
@@ -536,34 +605,74 @@ def read_mapping(path: str | Path) -> ColumnMapping:
     except tomllib.TOMLDecodeError as error:
         raise CohortError(f"Mapping file {path} is not valid TOML ({error}); see "
                           "'[columns]' examples in the phenotyper.cohort docs.") from None
-    _check_keys(path, "the top level", document, ("columns", "options"))
+    _check_keys(path, "the top level", document, ("columns", "labels", "options"))
     columns = _table(path, "[columns]", document.get("columns", {}))
     options = _table(path, "[options]", document.get("options", {}))
+    labels = _label_recode(path, document.get("labels", {}))
     _check_keys(path, "[options]", options, ("decimal",))
     decimal = options.get("decimal")
     if decimal not in (None, ".", ","):
         raise CohortError(f"Mapping file {path}: [options] decimal must be \".\" or \",\", "
                           f"not {decimal!r}.")
     sources = {key: _column_source(path, key, entry) for key, entry in columns.items()}
-    return ColumnMapping(path=path, columns=sources, decimal=decimal)
+    return ColumnMapping(path=path, columns=sources, decimal=decimal, labels=labels)
+
+
+def _label_recode(path: Path, table: object) -> dict[str, str]:
+    """The validated `[labels]` table: stripped label text -> phenotype or `indeterminate`."""
+    if not isinstance(table, dict):
+        raise CohortError(f"Mapping file {path}: [labels] must be a table of label texts and "
+                          f"the phenotypes they stand for, such as [labels] \"1\" = \"MALS\", "
+                          f"not {table!r}.")
+    accepted = ", ".join(f"'{word}'" for word in RECODE_TARGETS)
+    recode: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for key, value in table.items():
+        stripped = key.strip()
+        if not stripped:
+            raise CohortError(f"Mapping file {path}: [labels] has an empty key {key!r}: an "
+                              "empty label cell always means no label; recode label texts, "
+                              "e.g. \"1\" = \"MALS\".")
+        target = recode_target(value) if isinstance(value, str) else None
+        if target is None:
+            near = (difflib.get_close_matches(value.strip(), RECODE_TARGETS, n=1)
+                    if isinstance(value, str) else [])
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise CohortError(f"Mapping file {path}: [labels] {key!r} = {value!r} is not a "
+                              f"label phenotyper knows.{hint} A label must be recoded to one "
+                              f"of {accepted} ('intermediate' is read as 'unclassified'; "
+                              "'indeterminate' leaves the patient out).")
+        if stripped in recode and recode[stripped] != target:
+            raise CohortError(f"Mapping file {path}: [labels] keys {origin[stripped]!r} and "
+                              f"{key!r} are the same label text (spaces around it are ignored) "
+                              f"but recode it to '{recode[stripped]}' and '{target}'; keep one.")
+        recode[stripped], origin[stripped] = target, key
+    return recode
 
 
 def _column_source(path: Path, key: str, entry: object) -> ColumnSource:
     """One validated `[columns]` entry."""
-    if key not in CANONICAL_COLUMNS:
-        near = (difflib.get_close_matches(key, CANONICAL_COLUMNS, n=1) or [_suggest(key)])[0]
+    known = (*CANONICAL_COLUMNS, *TRIAL_COLUMNS)
+    if key not in known:
+        near = (difflib.get_close_matches(key, known, n=1) or [_suggest(key)])[0]
         hint = f" Did you mean {near}?" if near else ""
         raise CohortError(f"Mapping file {path}: [columns] has unknown column {key!r}.{hint} "
-                          f"Canonical columns are: {', '.join(CANONICAL_COLUMNS)}.")
+                          f"Canonical columns are: {', '.join(CANONICAL_COLUMNS)}; trial and "
+                          f"outcome columns: {', '.join(TRIAL_COLUMNS)}.")
     where = f"[columns] {key}"
     if isinstance(entry, str):
         entry = {"column": entry}
     entry = _table(path, where, entry)
     allowed = ("column", "unit") if key in NUMERIC_MARKERS else ("column",)
-    _check_keys(path, where, entry, (*allowed, "values") if key == "sex" else allowed)
+    _check_keys(path, where, entry,
+                (*allowed, "values") if key in ("sex", TREATMENT) else allowed)
     column = entry.get("column", key)
     if not isinstance(column, str):
         raise CohortError(f"Mapping file {path}: {where} column must be a text, not {column!r}.")
+    if key == TREATMENT:
+        return ColumnSource(column, values=_arm_values(path, entry))
+    if key in TRIAL_COLUMNS:
+        return ColumnSource(column)
     if key == "sex":
         return ColumnSource(column, PANEL[key].unit, values=_sex_values(path, entry))
     if key not in NUMERIC_MARKERS:
@@ -592,6 +701,28 @@ def _sex_values(path: Path, entry: dict) -> dict[str, str]:
     return {code.strip().lower(): label.strip().upper() for code, label in values.items()}
 
 
+def _arm_word(text: str) -> str | None:
+    """The arm a treatment text names (contract.ARM_WORDS: any case, spaces as '_'), or None."""
+    return ARM_WORDS.get(text.strip().lower().replace(" ", "_"))
+
+
+def _arm_values(path: Path, entry: dict) -> dict[str, str]:
+    """The `values` table of the treatment entry: file codes (lower-cased) to an arm."""
+    values = _table(path, "[columns] treatment values", entry.get("values", {}))
+    codes: dict[str, str] = {}
+    for code, arm in values.items():
+        target = _arm_word(arm) if isinstance(arm, str) else None
+        if target not in ARMS:
+            near = (difflib.get_close_matches(arm.strip().lower(), ARMS, n=1)
+                    if isinstance(arm, str) else [])
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise CohortError(f"Mapping file {path}: [columns] treatment values maps {code!r} "
+                              f"to {arm!r}, which is not a treatment arm.{hint} Arms: "
+                              f"{', '.join(ARMS)}.")
+        codes[code.strip().lower()] = target
+    return codes
+
+
 def _table(path: Path, where: str, value: object) -> dict:
     if not isinstance(value, dict):
         raise CohortError(f"Mapping file {path}: {where} must be a table such as "
@@ -610,12 +741,13 @@ def _check_keys(path: Path, where: str, table: dict, allowed: tuple[str, ...]) -
 
 def _resolve_sources(path: Path, file_columns: list[str], mapping: ColumnMapping
                      ) -> dict[str, ColumnSource]:
-    """Source of each canonical column: the mapping's entry, else a same-named file column."""
+    """Source of each canonical column: the mapping's entry, else a same-named file column;
+    and of each trial column (`TRIAL_COLUMNS`) the mapping names."""
     sources: dict[str, ColumnSource] = {}
-    for canonical in CANONICAL_COLUMNS:
+    for canonical in (*CANONICAL_COLUMNS, *TRIAL_COLUMNS):
         source = mapping.columns.get(canonical)
         if source is None:
-            if canonical in file_columns:
+            if canonical in file_columns and canonical in CANONICAL_COLUMNS:
                 unit = PANEL[canonical].unit if canonical in PANEL else ""
                 sources[canonical] = ColumnSource(canonical, unit)
             continue
@@ -969,6 +1101,22 @@ def _read_sex(raw: pd.Series, source: ColumnSource) -> tuple[pd.Series, list[pd.
     detail = pd.Series(f"not a recognised sex code (accepted: {accepted}; add codes under sex "
                        "values in a mapping file); set to missing", index=range(len(unknown)))
     return sex, [_issues(unknown, raw, UNKNOWN_CATEGORY, detail)]
+
+
+def _read_treatment(raw: pd.Series, source: ColumnSource) -> tuple[pd.Series, list[pd.DataFrame]]:
+    """The treatment column with the mapping's codes recoded to arms; a cell that is neither
+    a code nor an arm's name (nor missing) is an issue and is kept as it is."""
+    text = _text(raw)
+    arms = text.str.lower().map(source.values)
+    known = arms.notna().to_numpy(bool) | text.map(_arm_word).notna().to_numpy(bool)
+    unknown = np.flatnonzero(~known & ~_is_missing(text))
+    codes = ", ".join(f"'{code}'" for code in source.values)
+    accepted = (f"codes {codes} in the mapping's treatment values, or " if codes else "") + \
+        f"an arm: {', '.join(ARMS)}"
+    detail = pd.Series(f"not a treatment (accepted: {accepted}); kept as it is",
+                       index=range(len(unknown)))
+    out = raw.astype(object).where(arms.isna().to_numpy(bool), arms.to_numpy(dtype=object))
+    return out, [_issues(unknown, raw, UNKNOWN_CATEGORY, detail)]
 
 
 def _read_id(raw: pd.Series, canonical: str, state: _StreamState

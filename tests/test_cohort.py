@@ -807,3 +807,109 @@ def test_parquet_is_read_in_blocks_with_a_stored_index_as_a_column(tmp_path):
     data = pd.concat([block.data for block in blocks], ignore_index=True)
     assert data["mrn"].tolist() == ["a", "b", "c"]
     assert data["ferritin_ng_ml"].tolist() == [100.0, 200.0, 300.0]
+
+
+# --- labels and trial columns in the mapping --------------------------------------------------
+
+TRIAL_EXPORT = ("MRN,Ferritin,Arm,P(arm),SOFA_resp,Died28,Phenotype\n"
+                "a,200,A,0.5,1,0,1\n"
+                "b,5000,g,0.5,0,1,2\n"
+                "c,300,P,0.5,,,Inter\n"
+                "d,320,IFN-gamma,0.25,1,0,?\n"
+                "e,330,X,0.5,0,0,mals\n"
+                "f,340,,,,,\n")
+TRIAL_MAPPING = ('[columns]\npatient_id = "MRN"\nferritin_ng_ml = "Ferritin"\n'
+                 'treatment = { column = "Arm", values = { "A" = "anakinra", '
+                 '"G" = "interferon_gamma", "P" = "Placebo" } }\n'
+                 'treatment_probability = "P(arm)"\nsofa_response = { column = "SOFA_resp" }\n'
+                 'death_28d = "Died28"\n'
+                 '[labels]\n"1" = "MALS"\n"2" = "immunoparalysis"\n"Inter" = "intermediate"\n'
+                 '" ? " = "indeterminate"\n')
+
+
+def test_labels_recode_is_carried_on_the_cohort_and_read_with_the_label(tmp_path):
+    from phenotyper.labels import read_labels
+
+    path = write(tmp_path, TRIAL_EXPORT)
+    mapping = write(tmp_path, TRIAL_MAPPING, "mapping.toml")
+    expected = {"1": "MALS", "2": "immunoparalysis", "Inter": "unclassified",
+                "?": "indeterminate"}
+    cohort = read_cohort(path, mapping)
+    assert cohort.label_recode == expected
+    assert open_cohort(path, mapping).label_recode == expected
+    assert all(block.label_recode == expected
+               for block in open_cohort(path, mapping, block_rows=2).blocks())
+    assert read_column(tmp_path, "ferritin_ng_ml", ["200"]).label_recode == {}
+    # the reader leaves the label column as it is; the labels module reads it with the recode
+    assert cohort.data["Phenotype"].tolist() == ["1", "2", "Inter", "?", "mals", ""]
+    reading = read_labels(cohort.data["Phenotype"], "Phenotype", cohort.label_recode)
+    assert reading.phenotypes.tolist() == ["MALS", "immunoparalysis", "unclassified", None,
+                                           "MALS", None]
+    assert (reading.n_unlabelled, reading.n_unreadable, reading.n_recoded) == (2, 0, 4)
+
+
+def test_trial_and_outcome_columns_are_renamed_and_passed_through_not_parsed(tmp_path):
+    path = write(tmp_path, TRIAL_EXPORT)
+    cohort = read_cohort(path, write(tmp_path, TRIAL_MAPPING, "mapping.toml"))
+    data = cohort.data
+    trial = ["treatment", "treatment_probability", "sofa_response", "death_28d"]
+    assert list(data.columns) == [*CANONICAL_COLUMNS, *trial, "Phenotype"]
+    assert not {"Arm", "P(arm)", "SOFA_resp", "Died28"} & set(data.columns)
+    assert data["treatment"].tolist() == ["anakinra", "interferon_gamma", "placebo",
+                                          "IFN-gamma", "X", ""]
+    # passed through as the file has them (text from a CSV), not parsed as markers
+    assert data["treatment_probability"].tolist() == ["0.5", "0.5", "0.5", "0.25", "0.5", ""]
+    assert data["death_28d"].tolist() == ["0", "1", "", "0", "0", ""]
+    assert cohort.trial_columns == {"treatment": "Arm", "treatment_probability": "P(arm)",
+                                    "sofa_response": "SOFA_resp", "death_28d": "Died28"}
+    assert set(cohort.columns) == {"patient_id", "ferritin_ng_ml"}
+    report = quality_report(cohort)
+    assert {column.column for column in report.columns} == {"patient_id", "ferritin_ng_ml"}
+    assert not set(trial) & set(CANONICAL_COLUMNS)
+    # a treatment that is neither a code nor an arm's name is an issue, and is kept
+    [issue] = cohort.issues.itertuples()
+    assert (issue.row, issue.column, issue.source_column, issue.value, issue.kind) == (
+        5, "treatment", "Arm", "X", "unknown_category")
+    assert "anakinra, interferon_gamma, placebo" in issue.detail
+    assert [(item.column, item.kind, item.count) for item in report.issues] == [
+        ("treatment", "unknown_category", 1)]
+
+
+def test_a_trial_column_with_its_canonical_name_needs_no_mapping(tmp_path):
+    path = write(tmp_path, "ferritin_ng_ml,treatment,death_28d\n300,Anakinra,1\n")
+    cohort = read_cohort(path)
+    assert cohort.data["treatment"].tolist() == ["Anakinra"]  # passed through unchanged
+    assert cohort.trial_columns == {} and cohort.issues.empty
+
+
+@pytest.mark.parametrize(("mapping", "pattern"), [
+    ('[labels]\n"1" = "MAL"\n',
+     r"\[labels\] '1' = 'MAL' is not a label.*Did you mean 'MALS'\?.*'MALS', 'immunoparalysis', "
+     r"'unclassified', 'intermediate', 'indeterminate'"),
+    ('[labels]\n"2" = "paralysed"\n', r"\[labels\] '2' = 'paralysed' is not a label"),
+    ('[labels]\n"1" = 1\n', r"\[labels\] '1' = 1 is not a label.*'MALS'"),
+    ('[labels]\n" " = "MALS"\n', r"\[labels\] has an empty key"),
+    ('[labels]\n"1" = "MALS"\n" 1" = "immunoparalysis"\n', r"keys '1' and ' 1'.*keep one"),
+    ('labels = "MALS"\n', r"\[labels\] must be a table"),
+    ('[label]\n"1" = "MALS"\n', r"unknown key 'label'.*Did you mean 'labels'"),
+    ('[columns]\ntreatment = { column = "Arm", values = { "A" = "anakinr" } }\n',
+     r"treatment values maps 'A' to 'anakinr'.*Did you mean 'anakinra'\?.*Arms: anakinra, "
+     r"interferon_gamma, placebo"),
+    ('[columns]\ntreatment = { column = "Armm" }\n',
+     r"treatment reads column 'Armm', which is not in .*cohort\.csv.*Did you mean 'Arm'"),
+    ('[columns]\ntreatmnt = "Arm"\n', r"unknown column 'treatmnt'.*Did you mean treatment\?"
+                                      r".*trial and outcome columns: treatment, "),
+    ('[columns]\ndeath_28d = { column = "Died28", unit = "1" }\n', r"unknown key 'unit'"),
+    ('[columns]\nsofa_response = { column = "Died28", values = { "1" = "0" } }\n',
+     r"unknown key 'values'"),
+    ('[columns]\nsofa_response = "Arm"\ntreatment_probability = "Arm"\n', r"used for both"),
+    ('[columns]\ndeath_28d = "Arm"\n', r"also has a column named death_28d"),
+])
+def test_bad_label_and_trial_mappings_are_explained(tmp_path, mapping, pattern):
+    path = write(tmp_path, "MRN,Ferritin,Arm,Died28,death_28d\n1,200,A,0,0\n")
+    text = '[columns]\nferritin_ng_ml = "Ferritin"\n' + mapping.removeprefix("[columns]\n") \
+        if mapping.startswith("[columns]") else mapping
+    mapping_path = write(tmp_path, text, "local.toml")
+    with pytest.raises(CohortError, match=pattern) as error:
+        read_cohort(path, mapping_path)
+    assert "local.toml" in str(error.value)
