@@ -148,6 +148,12 @@ def train(
     shown = ["immunosep", *outcome.result.candidates, "champion"]
     _print_headline(outcome.result.benchmark, shown)
     console = Console()
+    labels = outcome.result.labels  # what the label said, what was left out and why
+    if labels:
+        left_out = labels["n_unlabelled"] + labels["n_unreadable"]
+        console.print(Text(labels["summary"], style="yellow" if left_out else ""))
+        if labels.get("warning"):
+            console.print(Text(f"Warning: {labels['warning']}", style="bold yellow"))
     verdict = "promoted to champion" if outcome.decision.promote else "not promoted"
     console.print(Text(
         f"Registered {outcome.model_name} version {outcome.version} (alias challenger): "

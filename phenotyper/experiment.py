@@ -15,7 +15,7 @@ import itertools
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,14 @@ from sklearn.model_selection import GroupKFold, GroupShuffleSplit, cross_val_pre
 
 from phenotyper.cohort import read_cohort
 from phenotyper.evaluate import Benchmark, benchmark, calibration_by_phenotype
+from phenotyper.labels import (
+    LabelReading,
+    accepted_words,
+    missing_phenotypes,
+    read_labels,
+    rule_agreement,
+    rule_derived_warning,
+)
 from phenotyper.models import CANDIDATES, LogitRecalibrated, build_candidate
 from phenotyper.panel import PANEL, PATIENT_ID, SITE_ID
 from phenotyper.rules import PHENOTYPES, reference_rules
@@ -238,14 +246,64 @@ class TrainingResult:
     selected: str
     benchmark: Benchmark
     cohort_source: str
+    # How the label column was read (`labels.LabelReading.as_dict()`) and what was left out,
+    # plus: `train_counts`/`test_counts` per phenotype, `rule_agreement` (share) and
+    # `rule_agreement_n` with the ImmunoSep rule where it is determinate, and `warning` (None,
+    # or why accuracy against this label cannot judge a model).
+    labels: dict[str, Any] = field(default_factory=dict)
 
 
-def load_cohort(spec: ExperimentSpec) -> tuple[pd.DataFrame, str]:
-    """The experiment's cohort in panel columns, and a description of where it came from."""
+class LoadedCohort(NamedTuple):
+    """A cohort in panel columns, where it came from, and its mapping's `[labels]` recode."""
+
+    data: pd.DataFrame
+    source: str
+    label_recode: dict[str, str]
+
+
+def load_cohort(spec: ExperimentSpec) -> LoadedCohort:
+    """The experiment's cohort in panel columns, a description of where it came from, and the
+    `[labels]` recode of its mapping file (empty without one)."""
     if spec.preset is not None:
-        return (simulate(spec.preset, spec.n, spec.cohort_seed),
-                f"simulated: preset {spec.preset}, n={spec.n}, seed={spec.cohort_seed}")
-    return read_cohort(spec.cohort_path, spec.mapping).data, str(spec.cohort_path)
+        return LoadedCohort(simulate(spec.preset, spec.n, spec.cohort_seed),
+                            f"simulated: preset {spec.preset}, n={spec.n}, "
+                            f"seed={spec.cohort_seed}", {})
+    cohort = read_cohort(spec.cohort_path, spec.mapping)
+    return LoadedCohort(cohort.data, str(spec.cohort_path), dict(cohort.label_recode))
+
+
+def _missing_message(missing: tuple[str, ...], where: str, also: str = "") -> str:
+    """Why a cohort (or part of it) that lacks a phenotype cannot be learned from, and what to
+    do about it."""
+    names = " or ".join(f"'{phenotype}'" for phenotype in missing)
+    return (f"{where} has no {names} patient; phenotyper learns all three phenotypes "
+            f"({', '.join(PHENOTYPES)}): add such patients{also}, or recode the label's values "
+            f"with [labels] in a mapping file (labels read: {accepted_words()}).")
+
+
+def read_label_column(spec: ExperimentSpec, cohort: pd.DataFrame,
+                      recode: dict[str, str] | None = None) -> tuple[LabelReading, dict]:
+    """Read the experiment's label column (through the mapping's recode) and check it can be
+    learned from; returns the reading and the plain record `TrainingResult.labels` starts from.
+
+    Stops with an ExperimentError when no row has a label or a phenotype has no patient.
+    """
+    if spec.label not in cohort:
+        near = difflib.get_close_matches(spec.label, [str(c) for c in cohort.columns], n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise ExperimentError(f"label column '{spec.label}' is not in the cohort.{hint}")
+    reading = read_labels(cohort[spec.label], spec.label, recode)
+    if not reading.n_labelled:
+        raise ExperimentError(f"no row of label column '{spec.label}' holds a phenotype. "
+                              f"{reading.summary()}")
+    missing = missing_phenotypes(reading)
+    if missing:
+        raise ExperimentError(_missing_message(missing, f"label column '{spec.label}'"))
+    rule = reference_rules()[REFERENCE_RULE].fit(cohort).predict(cohort)
+    share, compared = rule_agreement(reading, rule)
+    record = {**reading.as_dict(), "rule_agreement": share, "rule_agreement_n": compared,
+              "warning": rule_derived_warning(reading, rule)}
+    return reading, record
 
 
 def resolve_features(spec: ExperimentSpec, cohort: pd.DataFrame) -> tuple[str, ...]:
@@ -288,6 +346,14 @@ def tune(spec: ExperimentSpec, kind: str, train: pd.DataFrame, y: np.ndarray,
     scorer, _, higher_better = SELECTION_METRICS[spec.selection_metric]
     groups = _groups(spec, train)
     folds = list(GroupKFold(n_splits=spec.cv_folds).split(train, y, groups))
+    for number, (fit_rows, _) in enumerate(folds, start=1):
+        missing = tuple(p for p in PHENOTYPES if not (y[fit_rows] == p).any())
+        if missing:
+            have = ", ".join(f"{p} {int((y == p).sum())}" for p in missing)
+            raise ExperimentError(_missing_message(
+                missing, f"the training part of cross-validation fold {number} of "
+                f"{spec.cv_folds} (the training split has {have})",
+                also=", lower split.cv_folds"))
     grid = spec.candidates[kind]
     rows = []
     for values in itertools.product(*grid.values()):
@@ -328,19 +394,25 @@ def _plain(value: Any) -> Any:
 
 def fit_and_evaluate(spec: ExperimentSpec, champion: Any = None) -> TrainingResult:
     """Split, tune every candidate, and judge them with the rules (and champion) on the test set."""
-    cohort, source = load_cohort(spec)
-    if spec.label not in cohort:
-        near = difflib.get_close_matches(spec.label, [str(c) for c in cohort.columns], n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise ExperimentError(f"label column '{spec.label}' is not in the cohort.{hint}")
-    labelled = cohort[cohort[spec.label].isin(PHENOTYPES)].reset_index(drop=True)
-    if labelled.empty:
-        raise ExperimentError(f"no row of '{spec.label}' holds a phenotype ({PHENOTYPES})")
+    cohort, source, recode = load_cohort(spec)
+    reading, labels = read_label_column(spec, cohort, recode)
+    # rows with a label, the label in canonical words (`Mals`, ` intermediate `, recoded codes)
+    labelled = cohort.loc[reading.labelled].reset_index(drop=True)
+    labelled[spec.label] = pd.Series(reading.phenotypes[reading.labelled], dtype=object)
     features = resolve_features(spec, labelled)
     train_rows, test_rows = split_cohort(spec, labelled)
     train = labelled.iloc[train_rows].reset_index(drop=True)
     test = labelled.iloc[test_rows].reset_index(drop=True)
     y = train[spec.label].to_numpy(dtype=object)
+    missing = tuple(p for p in PHENOTYPES if not (y == p).any())
+    if missing:
+        have = ", ".join(f"{p} {labels['counts'][p]}" for p in missing)
+        raise ExperimentError(_missing_message(
+            missing, f"the training split of label column '{spec.label}' (split by "
+            f"{spec.split_by}, seed {spec.split_seed}; the cohort has {have})",
+            also=", or change split.seed or split.test_size"))
+    labels["train_counts"] = {p: int((y == p).sum()) for p in PHENOTYPES}
+    labels["test_counts"] = {p: int((test[spec.label] == p).sum()) for p in PHENOTYPES}
     candidates = {kind: tune(spec, kind, train, y, features) for kind in spec.candidates}
     _, _, higher_better = SELECTION_METRICS[spec.selection_metric]
     ranked = sorted(candidates.values(), key=lambda c: c.cv_score, reverse=higher_better)
@@ -353,7 +425,7 @@ def fit_and_evaluate(spec: ExperimentSpec, champion: Any = None) -> TrainingResu
                        noise_repeats=spec.noise_repeats,
                        synthetic=spec.preset is not None or is_synthetic(cohort))
     return TrainingResult(spec, train, test, features, candidates, ranked[0].kind, judged,
-                          source)
+                          source, labels)
 
 
 def _can_judge(model: Any, frame: pd.DataFrame) -> bool:

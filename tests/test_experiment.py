@@ -191,3 +191,113 @@ def test_a_miscalibrated_candidate_is_recalibrated() -> None:
     assert (abs(intercepts) < 0.3).all()
     proba = candidate.estimator.predict_proba(result.test)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+
+
+# --- the label vocabulary -----------------------------------------------------------------
+
+TINY = {"candidates": {"logistic": {"C": [1.0]}}, "bootstrap": 20, "noise_repeats": 0}
+SPELLINGS = {"MALS": "Mals", "immunoparalysis": "IMMUNOPARALYSIS",
+             "unclassified": " intermediate "}
+
+
+def _tiny_spec(path: Path, label: str, mapping: Path | None = None) -> ExperimentSpec:
+    return dataclasses.replace(default_spec(path, label, "m", mapping), **TINY)
+
+
+@pytest.fixture(scope="module")
+def labelled_cohort() -> pd.DataFrame:
+    """A small simulated cohort with a label column in the spellings users write."""
+    cohort = simulate("provide", 1500, seed=7)
+    cohort["lab"] = cohort["phenotype_true"].map(SPELLINGS).astype(object)
+    return cohort
+
+
+def test_labels_in_any_case_and_intermediate_train_and_are_recorded(labelled_cohort,
+                                                                    tmp_path: Path) -> None:
+    cohort = labelled_cohort.copy()
+    cohort.loc[[3, 40, 41], "lab"] = ["Mals?", "n/a", "?"]  # unreadable: left out, counted
+    cohort.loc[[7, 8], "lab"] = ["", "indeterminate"]  # no label: left out
+    path = write_table(cohort, tmp_path / "cohort.csv")
+    result = fit_and_evaluate(_tiny_spec(path, "lab"))
+
+    kept = cohort.drop(index=[3, 40, 41, 7, 8])
+    labels = result.labels
+    assert (labels["n_labelled"], labels["n_unlabelled"], labels["n_unreadable"]) == (
+        len(kept), 2, 3)
+    assert labels["unreadable_examples"] == [[4, "Mals?"], [41, "n/a"], [42, "?"]]
+    truth_counts = kept["phenotype_true"].value_counts()
+    assert labels["counts"] == {p: int(truth_counts[p]) for p in PHENOTYPES}
+    assert len(result.train) + len(result.test) == len(kept)
+    for part, key in ((result.train, "train_counts"), (result.test, "test_counts")):
+        # trained and judged in the canonical words, row for row the simulated truth
+        assert part["lab"].tolist() == part["phenotype_true"].tolist()
+        assert labels[key] == {p: int((part["lab"] == p).sum()) for p in PHENOTYPES}
+    assert set(result.candidates["logistic"].estimator.classes_) == set(PHENOTYPES)
+    assert result.benchmark.meta["n_patients"] == len(result.test)
+    assert labels["warning"] is None and labels["rule_agreement"] < 0.99
+    assert "3 unreadable values left out" in labels["summary"]
+
+
+def test_a_mapping_recodes_numeric_labels_for_training(labelled_cohort, tmp_path: Path) -> None:
+    cohort = labelled_cohort.copy()
+    cohort["code"] = cohort["phenotype_true"].map(
+        {"MALS": 1, "immunoparalysis": 2, "unclassified": 3}).astype(object)
+    cohort.loc[[0, 1], "code"] = 9  # "9" = not assessed
+    path = write_table(cohort.drop(columns=["lab"]), tmp_path / "cohort.csv")
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('[labels]\n"1" = "MALS"\n"2" = "immunoparalysis"\n"3" = "Intermediate"\n'
+                       '"9" = "indeterminate"\n')
+    result = fit_and_evaluate(_tiny_spec(path, "code", mapping))
+    assert result.labels["n_recoded"] == len(cohort)
+    assert result.labels["n_unlabelled"] == 2 and result.labels["n_unreadable"] == 0
+    both = pd.concat([result.train, result.test])
+    assert (both["code"] == both["phenotype_true"]).all()
+    assert result.labels["recode"]["3"] == "unclassified"
+    # without the mapping every value is unreadable: a clear stop naming the words and the fix
+    with pytest.raises(ExperimentError, match=r"no row of label column 'code' holds a "
+                       r"phenotype.*1,500 unreadable values.*'intermediate' \(read as "
+                       r"'unclassified'\).*\[labels\]"):
+        fit_and_evaluate(_tiny_spec(path, "code"))
+
+
+def test_a_cohort_without_a_phenotype_stops_with_one_clear_error(labelled_cohort,
+                                                                 tmp_path: Path) -> None:
+    two = labelled_cohort[labelled_cohort["phenotype_true"] != "immunoparalysis"]
+    path = write_table(two, tmp_path / "two.csv")
+    with pytest.raises(ExperimentError) as error:
+        fit_and_evaluate(_tiny_spec(path, "lab"))
+    message = str(error.value)
+    for text in ("label column 'lab' has no 'immunoparalysis' patient",
+                 "phenotyper learns all three phenotypes", "add such patients", "[labels]",
+                 "mapping file"):
+        assert text in message, message
+
+
+@pytest.mark.parametrize("side", ["test", "train"])
+def test_a_training_split_without_a_phenotype_stops_clearly(labelled_cohort, tmp_path: Path,
+                                                            side: str) -> None:
+    """One MALS patient in the cohort: on the test side, the training split has none; on the
+    training side, a cross-validation fold's training part has none."""
+    spec = _tiny_spec(tmp_path / "one.csv", "lab")
+    train_rows, test_rows = split_cohort(spec, labelled_cohort)
+    rows = test_rows if side == "test" else train_rows
+    mals = labelled_cohort.index[labelled_cohort["phenotype_true"] == "MALS"]
+    keep = next(row for row in rows if row in set(mals))
+    cohort = labelled_cohort.copy()
+    cohort.loc[mals.drop(keep), "lab"] = "unclassified"  # same rows, so the same split
+    write_table(cohort, tmp_path / "one.csv")
+    where = ("the training split of label column 'lab'" if side == "test"
+             else "the training part of cross-validation fold")
+    with pytest.raises(ExperimentError, match=rf"{where}.*has no 'MALS' patient"):
+        fit_and_evaluate(spec)
+
+
+def test_a_label_that_is_the_rule_itself_is_flagged(labelled_cohort, tmp_path: Path) -> None:
+    path = write_table(labelled_cohort, tmp_path / "cohort.parquet")
+    result = fit_and_evaluate(_tiny_spec(path, "phenotype_rule"))
+    warning = result.labels["warning"]
+    assert result.labels["rule_agreement"] == 1.0
+    assert result.labels["rule_agreement_n"] == len(labelled_cohort)
+    for text in ("ImmunoSep rule's own answer", "no model can beat the rule",
+                 "'agreement' gate mode", "Cohen's kappa", "outcomes"):
+        assert text in warning, warning
