@@ -37,6 +37,9 @@ ARM_WORDS: dict[str, str] = {
     PLACEBO: PLACEBO,
 }
 
+# A simulated cohort's latent phenotype: the truth a simulator knows and a hospital does not.
+TRUE_PHENOTYPE = "phenotype_true"
+
 # Trial and outcome columns.
 TREATMENT = "treatment"  # arm received; empty for patients not randomised
 TREATMENT_PROBABILITY = "treatment_probability"  # probability of the arm received

@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import sparse
 from sklearn.calibration import calibration_curve
 
+from phenotyper.outcomes import OutcomeError, OutcomeScorer, OutcomeSpec
 from phenotyper.panel import NUMERIC_MARKERS, PATIENT_ID, SITE_ID
 from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
 
@@ -97,6 +98,9 @@ class Predictions:
     labels: np.ndarray
     proba: np.ndarray  # (n, K) in PHENOTYPES order
     probabilistic: bool
+
+    def subset(self, rows: np.ndarray) -> Predictions:
+        return Predictions(self.labels[rows], self.proba[rows], self.probabilistic)
 
 
 def predict(estimator: Any, X: pd.DataFrame) -> Predictions:
@@ -551,41 +555,68 @@ def _interval(samples: np.ndarray | None) -> tuple[float, float]:
 def benchmark(
     phenotypers: Mapping[str, Any],
     frame: pd.DataFrame,
-    label: str,
+    label: str | None = None,
     reference: str = "immunosep",
     n_boot: int = 1000,
     seed: int = 0,
     noise_repeats: int = 20,
     assay_noise_cv: Mapping[str, Mapping[str, float]] = ASSAY_NOISE_CV,
     synthetic: bool = False,
+    outcomes: OutcomeSpec | None = None,
 ) -> Benchmark:
     """Judge fitted phenotypers on the same patients; `reference` is the comparator.
 
-    Patients whose `label` is empty or `indeterminate` are left out (counted in `meta`).
-    `noise_repeats` re-measurements per scenario of `assay_noise_cv` measure robustness.
-    The bootstrap resamples patients by `patient_id`; a row without one is a patient of its
-    own. With fewer than `MIN_RESAMPLING_GROUPS` patients (in the cohort, or in a subgroup)
-    there are no intervals, and `meta["warning"]` says why. `synthetic` (the cohort was
-    simulated) is recorded in `meta` for the report's banner.
+    Against a reference `label` (label metrics), against `outcomes` (prognosis, treatment
+    effect within each predicted phenotype, policy value), or both; at least one. Patients
+    whose label is empty or `indeterminate` are left out of the label metrics (counted in
+    `meta`) and stay in the outcome metrics. `noise_repeats` re-measurements per scenario of
+    `assay_noise_cv` measure robustness (against the label). The bootstrap resamples patients
+    by `patient_id`, the same resamples for every phenotyper and for both sections; a row
+    without an id is a patient of its own. With fewer than `MIN_RESAMPLING_GROUPS` patients
+    (in the cohort, or in a subgroup) there are no bootstrap intervals, and `meta["warning"]`
+    says why. `synthetic` (the cohort was simulated) is recorded in `meta` for the report.
     """
     if reference not in phenotypers:
         raise EvaluationError(f"reference phenotyper '{reference}' is not among "
                               f"{', '.join(phenotypers)}")
-    truth, usable = reference_labels(frame, label)
-    data = frame.loc[usable].reset_index(drop=True)
-    truth = truth[usable].astype(int)
-    if not len(data):
-        raise EvaluationError(f"no patient has a reference phenotype in '{label}'")
-    ids = data[PATIENT_ID] if PATIENT_ID in data else pd.Series(np.nan, index=data.index)
+    if label is None and outcomes is None:
+        raise EvaluationError("nothing to judge against: give a reference label (--label) or "
+                              "outcome columns (--outcome, with --treatment for treatment "
+                              "effects and policy values)")
+    frame = frame.reset_index(drop=True)
+    if not len(frame):
+        raise EvaluationError("the cohort has no patients")
+    ids = frame[PATIENT_ID] if PATIENT_ID in frame else pd.Series(np.nan, index=frame.index)
     groups, n_groups = resampling_groups(ids)
+    predictions = {name: predict(est, frame) for name, est in phenotypers.items()}
 
-    predictions = {name: predict(est, data) for name, est in phenotypers.items()}
-    scorers = {name: _Scorer(truth, p) for name, p in predictions.items()}
-    noise = _noise_outcomes(phenotypers, predictions, data, truth, noise_repeats, seed,
-                            assay_noise_cv)
-    subgroups = _subgroups(data)
+    labelled = np.zeros(len(frame), bool)
+    scorers: dict[str, _Scorer] = {}
+    noise: dict[str, dict[str, np.ndarray]] = {}
+    subgroups: dict[str, np.ndarray] = {}
+    truth = np.empty(0, int)
+    if label is not None:
+        codes, labelled = reference_labels(frame, label)
+        if not labelled.any():
+            raise EvaluationError(f"no patient has a reference phenotype in '{label}'")
+        data = frame.loc[labelled].reset_index(drop=True)
+        truth = codes[labelled].astype(int)
+        scorers = {name: _Scorer(truth, p.subset(labelled)) for name, p in predictions.items()}
+        noise = _noise_outcomes(phenotypers, {n: p.subset(labelled) for n, p in
+                                              predictions.items()},
+                                data, truth, noise_repeats, seed, assay_noise_cv)
+        subgroups = _subgroups(data)
+    judged_by_outcome = None
+    if outcomes is not None:
+        try:
+            judged_by_outcome = OutcomeScorer(
+                frame, outcomes, {name: p.labels for name, p in predictions.items()},
+                reference, groups, seed)
+        except OutcomeError as error:
+            raise EvaluationError(str(error)) from None
 
     def block_metrics(name: str, weights: np.ndarray) -> dict[str, np.ndarray]:
+        weights = weights[:, labelled]
         scorer = scorers[name]
         out = scorer.metrics(weights)
         total = weights.sum(1)
@@ -598,17 +629,20 @@ def benchmark(
                     out[f"{metric}|{group}"] = value
         return out
 
-    ones = np.ones((1, len(data)))
-    point = {name: block_metrics(name, ones) for name in phenotypers}
+    ones = np.ones((1, len(frame)))
+    point = {name: block_metrics(name, ones) for name in scorers}
     for name, scorer in scorers.items():
         scorer.remember_point(point[name])
-    samples: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in phenotypers}
+    samples: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in scorers}
+    outcome_samples: list[np.ndarray] = []
     warning = None
     if n_groups >= MIN_RESAMPLING_GROUPS:
         for weights in bootstrap_weights(groups, n_boot, seed):
-            for name in phenotypers:
+            for name in scorers:
                 for metric, values in block_metrics(name, weights).items():
                     samples[name].setdefault(metric, []).append(values)
+            if judged_by_outcome is not None:
+                outcome_samples.append(judged_by_outcome.values(weights))
     else:
         warning = (f"Only {n_groups} patient{'s' if n_groups != 1 else ''} to resample (fewer "
                    f"than {MIN_RESAMPLING_GROUPS}): no confidence intervals are given and no "
@@ -616,10 +650,10 @@ def benchmark(
                    "only.")
     boot = {name: {m: np.concatenate(v) for m, v in by.items()} for name, by in samples.items()}
     thin = {group for group, mask in subgroups.items()
-            if len(np.unique(groups[mask])) < MIN_RESAMPLING_GROUPS}
+            if len(np.unique(groups[labelled][mask])) < MIN_RESAMPLING_GROUPS}
 
     rows = []
-    for name in phenotypers:
+    for name in scorers:
         for metric, value in point[name].items():
             base, _, subgroup = metric.partition("|")
             low, high = _interval(None if subgroup in thin else boot[name].get(metric))
@@ -632,19 +666,31 @@ def benchmark(
                                           - boot[reference].get(metric, np.nan))
                 rows.append((name, f"{base}_minus_{reference}", "all",
                              float(value[0] - ref_value), low, high))
+    meta: dict[str, Any] = {
+        "label": label, "reference": reference, "n_patients": len(frame),
+        "n_labelled": int(labelled.sum()),
+        "n_left_out": int((~labelled).sum()) if label is not None else 0,
+        "n_boot": n_boot, "seed": seed, "noise_repeats": noise_repeats,
+        "confidence": CONFIDENCE, "assay_noise_cv": dict(assay_noise_cv),
+        "near_cutoff_relative": NEAR_CUTOFF_RELATIVE, "n_resampling_groups": n_groups,
+        "warning": warning, "synthetic": bool(synthetic)}
+    if judged_by_outcome is not None:
+        resampled = np.concatenate(outcome_samples) if outcome_samples else None
+        rows += judged_by_outcome.records(judged_by_outcome.values(ones), resampled, _interval)
+        meta["outcome"] = judged_by_outcome.meta
     records = pd.DataFrame(rows, columns=["phenotyper", "metric", "subgroup", "value",
                                           "ci_low", "ci_high"])
+    ones_labelled = np.ones((1, len(truth)))
     return Benchmark(
         records=records,
-        confusion={name: _confusion_frame(scorers[name].confusion(ones)[0]) for name in scorers},
-        treatment={name: _treatment_frame(scorers[name].confusion(ones)[0]) for name in scorers},
+        confusion={name: _confusion_frame(scorers[name].confusion(ones_labelled)[0])
+                   for name in scorers},
+        treatment={name: _treatment_frame(scorers[name].confusion(ones_labelled)[0])
+                   for name in scorers},
         decision_curves=_decision_curves(scorers, truth),
-        reliability=_reliability(predictions, truth),
-        meta={"label": label, "reference": reference, "n_patients": len(data),
-              "n_left_out": int((~usable).sum()), "n_boot": n_boot, "seed": seed,
-              "noise_repeats": noise_repeats, "confidence": CONFIDENCE,
-              "assay_noise_cv": dict(assay_noise_cv), "near_cutoff_relative": NEAR_CUTOFF_RELATIVE,
-              "n_resampling_groups": n_groups, "warning": warning, "synthetic": bool(synthetic)},
+        reliability=_reliability({n: p.subset(labelled) for n, p in predictions.items()}
+                                 if scorers else {}, truth),
+        meta=meta,
     )
 
 
@@ -698,6 +744,8 @@ def _decision_curves(scorers: Mapping[str, _Scorer], truth: np.ndarray) -> pd.Da
     """Net benefit by threshold for each phenotyper and treatment, with treat-all/none."""
     ones = np.ones((1, len(truth)))
     rows = []
+    if not scorers:
+        return pd.DataFrame(rows, columns=["phenotyper", "treatment", "threshold", "net_benefit"])
     for treatment, phenotype in TREATED_PHENOTYPE.items():
         prevalence = float(np.mean(truth == PHENOTYPES.index(phenotype)))
         for threshold in DECISION_CURVE_GRID:

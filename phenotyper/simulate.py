@@ -34,6 +34,7 @@ from phenotyper.contract import (
     SOFA_RESPONSE,
     TREATMENT,
     TREATMENT_PROBABILITY,
+    TRUE_PHENOTYPE,
     potential_outcome_column,
 )
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
@@ -47,7 +48,7 @@ CYTOKINES = ("il6_pg_ml", "il10_pg_ml")
 AGE_MAX_YEARS = 100
 SOFA_REFERENCE, AGE_REFERENCE_YEARS = 9.0, 70.0
 
-TRUTH_COLUMN = "phenotype_true"
+TRUTH_COLUMN = TRUE_PHENOTYPE
 RULE_COLUMN = "phenotype_rule"
 DEATH_COLUMN = DEATH_28D
 SYNTHETIC_COLUMN = "synthetic"  # True on every simulated row: results on it are not evidence
