@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import sparse
 from sklearn.calibration import calibration_curve
 
+from phenotyper.labels import LabelReading, read_labels, rule_derived_warning
 from phenotyper.outcomes import OutcomeError, OutcomeScorer, OutcomeSpec
 from phenotyper.panel import NUMERIC_MARKERS, PATIENT_ID, SITE_ID
 from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
@@ -79,13 +80,6 @@ _NEWTON_MAX_STEPS = 50
 _NEWTON_TOLERANCE = 1e-9
 _NEWTON_TRUSTED_STEP = 0.5  # longer steps (on the logit scale) are checked and halved if need be
 _MIN_LOGIT_VARIANCE = 1e-8
-
-# Reference labels, matched in any case; PROVIDE calls the unclassified patients "intermediate".
-REFERENCE_LABEL_WORDS: dict[str, str] = {
-    **{phenotype.lower(): phenotype for phenotype in PHENOTYPES},
-    "intermediate": UNCLASSIFIED,
-}
-
 
 class EvaluationError(ValueError):
     """Input the evaluator cannot judge (labels outside the phenotypes, no patients...)."""
@@ -477,36 +471,17 @@ class Benchmark:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def reference_labels(frame: pd.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Codes of the reference phenotype, and which rows have one (others are left out).
-
-    Labels match in any case and around spaces (`MALS`, `mals`, `IMMUNOPARALYSIS`), and PROVIDE's
-    word `intermediate` (neither MALS nor immunoparalysis) is read as `unclassified`. An empty
-    cell or `indeterminate` leaves the patient out; any other value is an error that names
-    the rows and the accepted values.
-    """
+def reference_labels(frame: pd.DataFrame, label: str,
+                     recode: Mapping[str, str] | None = None) -> LabelReading:
+    """The reference phenotype read through the one label vocabulary (`labels.read_labels`):
+    any case, `intermediate` = unclassified, a mapping's `[labels]` recode; unreadable values
+    are counted and left out, not an error."""
     if label not in frame.columns:
         near = difflib.get_close_matches(label, [str(c) for c in frame.columns], n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
         raise EvaluationError(f"label column '{label}' is not in the cohort.{hint} Give the "
                               "column that holds the reference phenotype with --label.")
-    values = frame[label].astype("string").str.strip()
-    words = values.str.lower()
-    phenotypes = words.map(REFERENCE_LABEL_WORDS).astype(object)
-    known = phenotypes.notna().to_numpy(bool)
-    unusable = (values.isna() | words.isin([INDETERMINATE, ""])).fillna(True).to_numpy(bool)
-    bad = ~known & ~unusable
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        shown = ", ".join(f"row {r + 1}: {values.iloc[r]!r}" for r in rows[:5])
-        accepted = ", ".join(f"'{word}'" for word in REFERENCE_LABEL_WORDS)
-        raise EvaluationError(
-            f"label column '{label}' has {len(rows)} values that are not phenotypes ({shown}). "
-            f"Accepted values, in any case: {accepted} ('intermediate' is read as "
-            f"'{UNCLASSIFIED}'); leave the cell empty or write '{INDETERMINATE}' to leave the "
-            "patient out")
-    codes = pd.Categorical(phenotypes.where(known, None), categories=PHENOTYPES).codes
-    return codes, known
+    return read_labels(frame[label], label, recode)
 
 
 def remeasure(X: pd.DataFrame, cv_by_marker: Mapping[str, float], rng: np.random.Generator
@@ -563,14 +538,17 @@ def benchmark(
     assay_noise_cv: Mapping[str, Mapping[str, float]] = ASSAY_NOISE_CV,
     synthetic: bool = False,
     outcomes: OutcomeSpec | None = None,
+    label_recode: Mapping[str, str] | None = None,
 ) -> Benchmark:
     """Judge fitted phenotypers on the same patients; `reference` is the comparator.
 
     Against a reference `label` (label metrics), against `outcomes` (prognosis, treatment
     effect within each predicted phenotype, policy value), or both; at least one. Patients
-    whose label is empty or `indeterminate` are left out of the label metrics (counted in
-    `meta`) and stay in the outcome metrics. `noise_repeats` re-measurements per scenario of
-    `assay_noise_cv` measure robustness (against the label). The bootstrap resamples patients
+    whose label is empty, `indeterminate` or unreadable (`label_recode`: a mapping's `[labels]`
+    table) are left out of the label metrics (counted in `meta["labels"]`) and stay in the
+    outcome metrics; a label that is the rule's own answer gets `meta["label_warning"]`.
+    `noise_repeats` re-measurements per scenario of `assay_noise_cv` measure robustness
+    (against the label). The bootstrap resamples patients
     by `patient_id`, the same resamples for every phenotyper and for both sections; a row
     without an id is a patient of its own. With fewer than `MIN_RESAMPLING_GROUPS` patients
     (in the cohort, or in a subgroup) there are no bootstrap intervals, and `meta["warning"]`
@@ -595,10 +573,13 @@ def benchmark(
     noise: dict[str, dict[str, np.ndarray]] = {}
     subgroups: dict[str, np.ndarray] = {}
     truth = np.empty(0, int)
+    reading = None
     if label is not None:
-        codes, labelled = reference_labels(frame, label)
+        reading = reference_labels(frame, label, label_recode)
+        codes, labelled = reading.codes, reading.labelled
         if not labelled.any():
-            raise EvaluationError(f"no patient has a reference phenotype in '{label}'")
+            raise EvaluationError(f"no patient has a reference phenotype in '{label}'. "
+                                  f"{reading.summary()}")
         data = frame.loc[labelled].reset_index(drop=True)
         truth = codes[labelled].astype(int)
         scorers = {name: _Scorer(truth, p.subset(labelled)) for name, p in predictions.items()}
@@ -674,6 +655,11 @@ def benchmark(
         "confidence": CONFIDENCE, "assay_noise_cv": dict(assay_noise_cv),
         "near_cutoff_relative": NEAR_CUTOFF_RELATIVE, "n_resampling_groups": n_groups,
         "warning": warning, "synthetic": bool(synthetic)}
+    if reading is not None:
+        meta["labels"] = reading.as_dict()
+        meta["n_left_out"] = reading.n_unlabelled + reading.n_unreadable
+        if reference in predictions:
+            meta["label_warning"] = rule_derived_warning(reading, predictions[reference].labels)
     if judged_by_outcome is not None:
         resampled = np.concatenate(outcome_samples) if outcome_samples else None
         rows += judged_by_outcome.records(judged_by_outcome.values(ones), resampled, _interval)

@@ -30,7 +30,13 @@ from phenotyper.evaluate import (
     reference_labels,
     treatment_table,
 )
-from phenotyper.rules import INDETERMINATE, PHENOTYPES, UNCLASSIFIED, reference_rules
+from phenotyper.rules import (
+    INDETERMINATE,
+    PHENOTYPES,
+    UNCLASSIFIED,
+    ImmunoSepRule,
+    reference_rules,
+)
 from phenotyper.simulate import simulate
 
 LABELS = np.array([*PHENOTYPES, INDETERMINATE], dtype=object)
@@ -353,8 +359,8 @@ def test_bad_labels_are_named_with_their_rows() -> None:
     cohort = simulate("provide", 50, seed=2)
     cohort.loc[3, "phenotype_true"] = "MAS"
     rules = {"immunosep": reference_rules()["immunosep"].fit(cohort)}
-    with pytest.raises(EvaluationError, match=r"row 4: 'MAS'"):
-        benchmark(rules, cohort, "phenotype_true", n_boot=10)
+    result = benchmark(rules, cohort, "phenotype_true", n_boot=10, noise_repeats=0)
+    assert "row 4: 'MAS'" in result.meta["labels"]["summary"]
     with pytest.raises(EvaluationError, match="reference phenotyper 'immunosep'"):
         benchmark({"other": rules["immunosep"]}, cohort, "phenotype_true", n_boot=10)
 
@@ -564,16 +570,44 @@ def test_benchmark_records_whether_the_cohort_is_synthetic() -> None:
 def test_reference_labels_match_in_any_case_and_read_intermediate_as_unclassified() -> None:
     frame = pd.DataFrame({"label": ["IMMUNOPARALYSIS", "mals", " Intermediate ", "Unclassified",
                                     "INDETERMINATE", None, ""]})
-    codes, known = reference_labels(frame, "label")
+    reading = reference_labels(frame, "label")
+    known = reading.labelled
     np.testing.assert_array_equal(known, [True, True, True, True, False, False, False])
-    assert [PHENOTYPES[c] for c in codes[known]] == ["immunoparalysis", "MALS", UNCLASSIFIED,
-                                                      UNCLASSIFIED]
+    assert [PHENOTYPES[c] for c in reading.codes[known]] == ["immunoparalysis", "MALS",
+                                                              UNCLASSIFIED, UNCLASSIFIED]
 
 
-def test_a_bad_reference_label_lists_the_accepted_values() -> None:
-    frame = pd.DataFrame({"label": ["MALS", "sepsis"]})
-    with pytest.raises(EvaluationError, match=r"row 2: 'sepsis'") as error:
-        reference_labels(frame, "label")
-    for word in ("'mals'", "'immunoparalysis'", "'unclassified'", "'intermediate'",
-                 "'indeterminate'"):
-        assert word in str(error.value)
+def test_unreadable_labels_are_counted_and_left_out_of_label_metrics_only() -> None:
+    """A hospital's label column may hold values phenotyper cannot read: the benchmark leaves
+    those patients out of the label metrics, says how many and which, and keeps them in the
+    outcome metrics."""
+    from phenotyper.outcomes import OutcomeSpec
+
+    cohort = simulate("all-comers-trial", 1200, seed=5)
+    cohort["label"] = cohort["phenotype_true"].astype(object)
+    cohort.loc[[4, 9], "label"] = "sepsis"
+    rules = {"immunosep": ImmunoSepRule().fit(cohort)}
+    result = benchmark(rules, cohort, "label", n_boot=20, noise_repeats=0,
+                       outcomes=OutcomeSpec(("sofa_response",),
+                                            propensity="treatment_probability"))
+    assert result.meta["labels"]["n_unreadable"] == 2
+    assert result.meta["n_left_out"] == 2
+    assert "row 5: 'sepsis'" in result.meta["labels"]["summary"]
+    records = result.records.set_index(["phenotyper", "metric", "subgroup"])
+    assert records.loc[("immunosep", "n", "all")].value == len(cohort) - 2
+    assert result.meta["outcome"]["arm_counts"]["placebo"] == int(
+        (cohort["treatment"] == "placebo").sum())
+    recoded = benchmark(rules, cohort, "label", n_boot=20, noise_repeats=0,
+                        label_recode={"sepsis": "unclassified"})
+    assert recoded.meta["labels"]["n_unreadable"] == 0
+    with pytest.raises(EvaluationError, match="no patient has a reference phenotype"):
+        benchmark(rules, cohort.assign(label="sepsis"), "label", n_boot=20, noise_repeats=0)
+
+
+def test_a_label_that_is_the_rule_itself_is_flagged() -> None:
+    cohort = simulate("provide", 1500, seed=6)
+    rules = {"immunosep": ImmunoSepRule().fit(cohort)}
+    flagged = benchmark(rules, cohort, "phenotype_rule", n_boot=20, noise_repeats=0)
+    assert "agreement" in flagged.meta["label_warning"]
+    plain = benchmark(rules, cohort, "phenotype_true", n_boot=20, noise_repeats=0)
+    assert plain.meta["label_warning"] is None

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenotyper.evaluate import reference_labels
 from phenotyper.labels import (
     MAX_EXAMPLES,
     RULE_LABEL_AGREEMENT,
@@ -104,19 +103,6 @@ def test_recode_is_exact_first_then_case_insensitive_and_comes_before_the_words(
 def test_a_recode_to_an_unknown_word_is_refused() -> None:
     with pytest.raises(ValueError, match=r"'1' to 'MAL'.*'MALS', 'immunoparalysis'"):
         read_labels(["1"], "lab", {"1": "MAL"})
-
-
-def test_readable_labels_are_read_as_the_evaluator_reads_them(cohort) -> None:
-    words = {"MALS": " mals", "immunoparalysis": "IMMUNOPARALYSIS",
-             "unclassified": "Intermediate "}
-    frame = cohort.assign(lab=cohort["phenotype_rule"].map(
-        lambda p: words.get(p, p)).astype(object))
-    frame.loc[frame.index[:3], "lab"] = ""
-    codes, usable = reference_labels(frame, "lab")
-    reading = read_labels(frame["lab"], "lab")
-    np.testing.assert_array_equal(reading.labelled, usable)
-    np.testing.assert_array_equal(reading.codes[usable], codes[usable])
-    assert reading.n_unlabelled == (~usable).sum() >= 3
 
 
 def test_missing_phenotypes(cohort) -> None:
