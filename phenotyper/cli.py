@@ -13,7 +13,7 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
 
-from phenotyper import report
+from phenotyper import outcome_report, report
 from phenotyper import simulate as simulator
 from phenotyper.cohort import (
     BLOCK_ROWS,
@@ -25,6 +25,7 @@ from phenotyper.cohort import (
 )
 from phenotyper.evaluate import Benchmark, EvaluationError
 from phenotyper.evaluate import benchmark as run_benchmark
+from phenotyper.outcomes import OutcomeSpec
 from phenotyper.rules import reference_rules
 from phenotyper.score import ScoreRequest, ScoringError, score_file
 
@@ -83,12 +84,27 @@ def simulate(
 @app.command()
 def benchmark(
     cohort: Annotated[Path, typer.Option(help="Held-out cohort: CSV, TSV, TXT or Parquet.")],
-    label: Annotated[str, typer.Option(
-        help="Column with the reference phenotype (e.g. phenotype_true).")],
     output: Annotated[Path, typer.Option(
         help="Folder for benchmark.json, benchmark.md and the figures.")],
+    label: Annotated[str | None, typer.Option(
+        help="Column with the reference phenotype (e.g. phenotype_true). Optional when "
+             "--outcome is given.")] = None,
+    outcome: Annotated[list[str] | None, typer.Option(
+        help="0/1 outcome column to judge phenotypers by (e.g. sofa_response, death_28d); "
+             "repeat for several, the first heads the tables.")] = None,
+    treatment: Annotated[str | None, typer.Option(
+        help="Column with the arm received (anakinra, interferon_gamma, placebo; empty if not "
+             "randomised): treatment effects and policy values.")] = None,
+    propensity: Annotated[str | None, typer.Option(
+        help="Column with the probability of the arm received (a trial's allocation). Without "
+             "it, policy values are doubly robust (AIPW).")] = None,
+    higher_is_better: Annotated[list[str] | None, typer.Option(
+        help="An outcome (other than sofa_response or death_28d) for which higher is better; "
+             "repeatable.")] = None,
+    lower_is_better: Annotated[list[str] | None, typer.Option(
+        help="An outcome for which lower is better; repeatable.")] = None,
     mapping: Annotated[Path | None, typer.Option(
-        help="TOML file mapping the file's columns and units to the panel's.")] = None,
+        help="TOML file mapping the file's columns, units and labels to the panel's.")] = None,
     bootstrap: Annotated[int, typer.Option(
         min=10, help="Bootstrap resamples (by patient) for the 95% intervals.")] = 1000,
     noise_repeats: Annotated[int, typer.Option(
@@ -98,14 +114,26 @@ def benchmark(
         help="MLflow model URI to judge beside the rules (models:/NAME@ALIAS, runs:/ID/model); "
              "repeat for several.")] = None,
 ) -> None:
-    """Judge the fixed-threshold rules (and models) side by side, with confidence intervals."""
+    """Judge the fixed-threshold rules (and models) side by side, by a reference label and by
+    outcomes, with confidence intervals."""
+    if label is None and not outcome:
+        exit_with_error("Give a reference label (--label) or outcome columns (--outcome), or "
+                        "both.")
+    if treatment is None and propensity is not None:
+        exit_with_error("--propensity needs --treatment (the arm whose probability it is).")
+    directions = {**{name: True for name in higher_is_better or []},
+                  **{name: False for name in lower_is_better or []}}
+    spec = (OutcomeSpec(tuple(outcome), treatment, propensity, directions) if outcome
+            else None)
     try:
-        data = read_cohort(cohort, mapping).data
+        read = read_cohort(cohort, mapping)
+        data = read.data
         phenotypers = {name: rule.fit(data) for name, rule in reference_rules().items()}
         phenotypers.update(_load_models(model or []))
         result = run_benchmark(phenotypers, data, label, n_boot=bootstrap, seed=seed,
                                noise_repeats=noise_repeats,
-                               synthetic=simulator.is_synthetic(data))
+                               synthetic=simulator.is_synthetic(data), outcomes=spec,
+                               label_recode=read.label_recode)
         written = report.write_benchmark(result, output, source=str(cohort))
     except (CohortError, EvaluationError) as error:
         exit_with_error(str(error))
@@ -359,28 +387,52 @@ def _load_models(uris: list[str]) -> dict[str, object]:
 
 
 def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
-    """The report's headline metrics for the terminal: a row per metric, a column per
-    phenotyper (`only` those, when given: a terminal is narrower than the report)."""
-    records = result.records[result.records.subgroup == "all"].set_index(["phenotyper", "metric"])
-    names = [n for n in dict.fromkeys(records.index.get_level_values(0))
-             if only is None or n in only]
-    table = Table(title=f"Benchmark against '{result.meta['label']}' "
-                        f"({result.meta['n_patients']:,} patients, 95% bootstrap CI)")
-    table.add_column("metric")
-    for name in names:
-        table.add_column(name.replace("_", " "), justify="right")
-    for metric, words in report.HEADLINE.items():
-        cells = [report.format_estimate(metric, *records.loc[(name, metric)][
-                     ["value", "ci_low", "ci_high"]]).replace(" (", "\n(")
-                 if (name, metric) in records.index else "n/a" for name in names]
-        if any(cell != "n/a" for cell in cells):
-            table.add_row(words, *cells)
-    Console().print(table)
+    """The report's headline for the terminal: the policy table of each outcome, then the
+    label metrics, a row per metric and a column per phenotyper (`only` those, when given: a
+    terminal is narrower than the report)."""
+    records = result.records[result.records.subgroup == "all"]
+    numbers = {(p, m, "all"): (v, lo, hi) for p, m, v, lo, hi in records[
+        ["phenotyper", "metric", "value", "ci_low", "ci_high"]].itertuples(index=False)}
+    indexed = records.set_index(["phenotyper", "metric"])
+    names = [n for n in dict.fromkeys(records.phenotyper)
+             if (only is None or n in only) and n not in outcome_report.PSEUDO_PHENOTYPERS]
+    console = Console()
+    for outcome in result.meta.get("outcome", {}).get("outcomes", []):
+        header, rows = outcome_report.policy_table(names, numbers, outcome,
+                                                   result.meta["reference"], describe=False)
+        if not rows:
+            continue
+        table = Table(title=f"Policy value: {outcome} if treated as each phenotyper says "
+                            "(95% CI)")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*(cell.replace(" (", "\n(") for cell in row))
+        console.print(table)
+    if result.meta.get("label") is not None:
+        table = Table(title=f"Benchmark against '{result.meta['label']}' "
+                            f"({result.meta['n_patients'] - result.meta['n_left_out']:,} "
+                            "patients, 95% bootstrap CI)")
+        table.add_column("metric")
+        for name in names:
+            table.add_column(name.replace("_", " "), justify="right")
+        for metric, words in report.HEADLINE.items():
+            cells = [report.format_estimate(metric, *indexed.loc[(name, metric)][
+                         ["value", "ci_low", "ci_high"]]).replace(" (", "\n(")
+                     if (name, metric) in indexed.index else "n/a" for name in names]
+            if any(cell != "n/a" for cell in cells):
+                table.add_row(words, *cells)
+        console.print(table)
     if result.meta.get("synthetic"):
-        Console().print(Text("SYNTHETIC DATA: these numbers check the software; they are not "
-                             "clinical evidence.", style="bold yellow"))
-    if result.meta.get("warning"):
-        Console().print(Text(f"Warning: {result.meta['warning']}", style="bold yellow"))
+        console.print(Text("SYNTHETIC DATA: these numbers check the software; they are not "
+                           "clinical evidence.", style="bold yellow"))
+    for key in ("warning", "label_warning"):
+        if result.meta.get(key):
+            console.print(Text(f"Warning: {result.meta[key]}", style="bold yellow"))
+    labels = result.meta.get("labels", {})
+    if labels.get("n_unreadable"):
+        console.print(Text(labels["summary"], style="yellow"))
+
 
 def _print_calibration(preset: simulator.Preset, frame) -> None:
     """The rule's shares and mortality in the simulated cohort beside the preset's targets."""

@@ -37,6 +37,12 @@ from phenotyper.evaluate import (
     Benchmark,
 )
 from phenotyper.files import write_bytes_atomic
+from phenotyper.outcome_report import (
+    FOREST_FILE,
+    PSEUDO_PHENOTYPERS,
+    forest_figure,
+    outcome_markdown,
+)
 from phenotyper.packaged import OK
 from phenotyper.score import MODEL_REJECTED, NOT_SCORED, ScoreSummary
 
@@ -47,6 +53,7 @@ from phenotyper.rules import (
     HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
     INDETERMINATE,
     PHENOTYPES,
+    reference_rules,
 )
 
 JSON_FILE, MARKDOWN_FILE = "benchmark.json", "benchmark.md"
@@ -115,11 +122,14 @@ def write_benchmark(benchmark: Benchmark, output_dir: Path, source: str) -> list
     names = _phenotypers(benchmark)
     numbers = _numbers(benchmark)
     suffix = SYNTHETIC_TITLE if _synthetic(benchmark) else ""
+    labelled = benchmark.meta.get("label") is not None
     figures = {
-        CONFUSION_FILE: _confusion_figure(benchmark, names, suffix),
+        CONFUSION_FILE: _confusion_figure(benchmark, names, suffix) if labelled else None,
         RELIABILITY_FILE: _reliability_figure(benchmark, names, suffix),
-        DECISION_FILE: _decision_figure(benchmark, names, suffix),
+        DECISION_FILE: _decision_figure(benchmark, names, suffix) if labelled else None,
         FLIP_FILE: _flip_figure(benchmark, names, numbers, suffix),
+        FOREST_FILE: forest_figure(benchmark.meta, _forest_names(benchmark, names), numbers,
+                                   suffix),
     }
     drawn = {name: _png(figure) for name, figure in figures.items() if figure is not None}
     contents = {
@@ -147,7 +157,15 @@ def _phenotypers(benchmark: Benchmark) -> list[str]:
     """Phenotyper names, reference first, the others in the order they were benchmarked."""
     reference = benchmark.meta["reference"]
     names = dict.fromkeys(benchmark.records["phenotyper"])
-    return [reference, *(name for name in names if name != reference)]
+    return [reference, *(name for name in names
+                         if name != reference and name not in PSEUDO_PHENOTYPERS)]
+
+
+def _forest_names(benchmark: Benchmark, names: list[str]) -> list[str]:
+    """The reference rule and the learned phenotypers: the rule variants would crowd the plot
+    (their effects are in benchmark.md)."""
+    rules = set(reference_rules())
+    return [name for name in names if name == benchmark.meta["reference"] or name not in rules]
 
 
 def _numbers(benchmark: Benchmark) -> _Numbers:
@@ -230,18 +248,19 @@ def _plain(value: Any) -> Any:
 
 def _markdown(benchmark: Benchmark, source: str, names: list[str], numbers: _Numbers,
               drawn: Iterable[str]) -> str:
-    sections = [
-        _header(benchmark, source),
-        _headline(names, numbers),
-        _differences(benchmark, names, numbers),
-        _per_phenotype(names, numbers),
-        _treatment(benchmark, names),
-        _net_benefit(benchmark, names, numbers),
-        _robustness(benchmark, names, numbers),
-        _calibration(names, numbers),
-        _subgroups(benchmark, names, numbers),
-        _figures(set(drawn)),
-    ]
+    sections = [_header(benchmark, source), outcome_markdown(benchmark.meta, names, numbers)]
+    if benchmark.meta.get("label") is not None:
+        sections += [
+            _headline(names, numbers),
+            _differences(benchmark, names, numbers),
+            _per_phenotype(names, numbers),
+            _treatment(benchmark, names),
+            _net_benefit(benchmark, names, numbers),
+            _robustness(benchmark, names, numbers),
+            _calibration(names, numbers),
+            _subgroups(benchmark, names, numbers),
+        ]
+    sections.append(_figures(set(drawn), benchmark.meta))
     return "\n".join(line for section in sections for line in section)
 
 
@@ -251,10 +270,20 @@ def _header(benchmark: Benchmark, source: str) -> list[str]:
     lines += ["# Phenotyper benchmark", ""]
     if meta.get("warning"):
         lines += [f"> **Warning.** {meta['warning']}", ""]
+    if meta.get("label_warning"):
+        lines += [f"> **The label is the rule.** {meta['label_warning']}", ""]
+    if meta.get("label") is None:
+        judged = (f"Cohort: `{source}`, {meta['n_patients']:,} patients, judged by outcomes "
+                  "alone (no reference label).")
+    else:
+        summary = meta.get("labels", {}).get("summary", "")
+        judged = (f"Cohort: `{source}`. Reference standard: the `{meta['label']}` column; "
+                  f"{meta['n_patients'] - meta['n_left_out']:,} of {meta['n_patients']:,} "
+                  f"patients have a reference label, {meta['n_left_out']:,} are left out of the "
+                  f"label metrics (still in the outcome metrics). Reading the labels: "
+                  f"{summary}")
     lines += [
-        f"Cohort: `{source}`. Reference standard: the `{meta['label']}` column; "
-        f"{meta['n_patients']:,} patients judged, {meta['n_left_out']:,} left out for lack of a "
-        f"reference label. Every phenotyper is judged on the same patients, and differences are "
+        f"{judged} Every phenotyper is judged on the same patients, and differences are "
         f"taken from `{meta['reference']}`. Intervals are {meta['confidence']:.0%} percentile "
         f"intervals from {meta['n_boot']:,} bootstrap resamples by patient (all of a patient's "
         f"rows move together, a row without a patient id counts as a patient of its own; a "
@@ -455,15 +484,22 @@ def _subgroups(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> lis
     return lines
 
 
-def _figures(drawn: set[str]) -> list[str]:
+def _figures(drawn: set[str], meta: dict[str, Any]) -> list[str]:
     described = {
         CONFUSION_FILE: "reference phenotype x predicted label for each phenotyper "
                         "(patients and row %)",
         RELIABILITY_FILE: "predicted probability against observed share, per phenotype",
         DECISION_FILE: "net benefit against threshold, per treatment",
         FLIP_FILE: "flip rate under re-measurement, per phenotyper and scenario",
+        FOREST_FILE: "each drug's risk difference against placebo within each predicted "
+                     "phenotype (forest plot)",
     }
+    if meta.get("label") is None:
+        described = {FOREST_FILE: described[FOREST_FILE]}
+    elif not meta.get("outcome"):
+        del described[FOREST_FILE]
     not_drawn = {
+        FOREST_FILE: "no treatment column was given",
         RELIABILITY_FILE: "no probabilistic phenotyper was benchmarked (fixed rules give no "
                           "probabilities)",
         FLIP_FILE: "the benchmark ran without re-measurement (noise_repeats = 0)",

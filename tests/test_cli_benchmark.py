@@ -45,3 +45,55 @@ def test_unknown_label_column_is_a_clear_error(cohort_csv: Path, tmp_path: Path)
     assert "Did you mean 'phenotype_true'?" in result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def trial_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_table(simulate("all-comers-trial", 2500, seed=10),
+                       tmp_path_factory.mktemp("trial") / "trial.csv")
+
+
+def _outcome_args(cohort: Path, out: Path) -> list[str]:
+    return ["benchmark", "--cohort", str(cohort), "--output", str(out), "--bootstrap", "50",
+            "--noise-repeats", "0", "--outcome", "sofa_response", "--outcome", "death_28d",
+            "--treatment", "treatment", "--propensity", "treatment_probability"]
+
+
+def test_benchmark_by_outcomes_prints_and_writes_the_policy_table(trial_csv: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = runner.invoke(app, _outcome_args(trial_csv, out))  # no --label: outcomes alone
+    assert result.exit_code == 0, result.output
+    assert "Policy value: sofa_response" in result.stdout
+    assert "best_arm" in result.stdout and "nobody" in result.stdout
+    document = json.loads((out / "benchmark.json").read_text())
+    records = {(r["phenotyper"], r["metric"], r["subgroup"]): r for r in document["records"]}
+    rule = records[("immunosep", "policy_value_sofa_response", "all")]
+    markdown = (out / "benchmark.md").read_text()
+    # the Markdown table shows the JSON's number, and the response table comes before death's
+    shown = f"{100 * rule['value']:.1f}% ({100 * rule['ci_low']:.1f}-{100 * rule['ci_high']:.1f})"
+    assert shown in markdown
+    assert markdown.index("Policy value: `sofa_response`") < markdown.index(
+        "Policy value: `death_28d`")
+    assert "## Headline" not in markdown  # no label, no label metrics
+    assert document["meta"]["outcome"]["method"] == "ipw"
+    assert (out / "treatment_effects.png").stat().st_size > 10_000
+    assert not (out / "confusion_matrices.png").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "Give a reference label (--label) or outcome columns"),
+    (["--outcome", "sofa_response", "--propensity", "treatment_probability"],
+     "--propensity needs --treatment"),
+    (["--outcome", "sofa_respons"], "Did you mean 'sofa_response'"),
+    (["--outcome", "sofa_response", "--treatment", "phenotype_rule"],
+     "column 'phenotype_rule' has"),
+])
+def test_outcome_options_get_clear_errors(trial_csv: Path, tmp_path: Path, extra: list[str],
+                                          message: str) -> None:
+    result = runner.invoke(app, ["benchmark", "--cohort", str(trial_csv), "--output",
+                                 str(tmp_path / "b"), "--bootstrap", "10", *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr.replace("\n", " ")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
