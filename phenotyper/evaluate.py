@@ -19,7 +19,7 @@ rather than one from the resamples where it happens to be defined.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,15 @@ from sklearn.calibration import calibration_curve
 from phenotyper.labels import LabelReading, read_labels, rule_derived_warning
 from phenotyper.outcomes import OutcomeError, OutcomeScorer, OutcomeSpec
 from phenotyper.panel import NUMERIC_MARKERS, PATIENT_ID, SITE_ID
-from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
+from phenotyper.rules import (
+    FERRITIN_MALS_NG_ML,
+    HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+    IMMUNOPARALYSIS,
+    INDETERMINATE,
+    MALS,
+    PHENOTYPES,
+    UNCLASSIFIED,
+)
 
 PREDICTED_LABELS: tuple[str, ...] = (*PHENOTYPES, INDETERMINATE)
 K = len(PHENOTYPES)
@@ -65,9 +73,16 @@ ASSAY_NOISE_CV: dict[str, dict[str, float]] = {
         "other": 0.10,  # assumption: between-platform CV of routine assays
     },
 }
+# The agreement gate compares a model's kappa with the rule to the rule's kappa with itself
+# when the same patients are measured in another laboratory.
+AGREEMENT_SCENARIO = "between_labs"
 NEAR_CUTOFF_RELATIVE = 0.25  # "near the cut-off": within 25% of 4420 ng/mL or 5000 /cell
 AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, ">=80"))
 SUBGROUP_METRICS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "coverage")
+# The patients the reference rule can type: headline metrics and paired differences are also
+# given here, so a phenotyper cannot beat the rule by answering where the rule abstains alone.
+RULE_DETERMINATE = "rule=determinate"
+PAIRED_SUBGROUPS = (RULE_DETERMINATE,)
 CONFIDENCE = 0.95
 # Fewer patients (resampling groups) than this: no intervals, and a warning in `meta`.
 MIN_RESAMPLING_GROUPS = 10
@@ -497,7 +512,7 @@ def remeasure(X: pd.DataFrame, cv_by_marker: Mapping[str, float], rng: np.random
 
 
 def _subgroups(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Masks for site, age band and sex subgroups present in the cohort."""
+    """Masks for site, age band, sex and HLA-DR measured or not, where present."""
     masks: dict[str, np.ndarray] = {}
     if SITE_ID in frame:
         for site in sorted(frame[SITE_ID].dropna().unique()):
@@ -509,6 +524,9 @@ def _subgroups(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     if "sex" in frame:
         for sex in sorted(frame["sex"].dropna().unique()):
             masks[f"sex={sex}"] = (frame["sex"] == sex).to_numpy(bool)
+    if "hla_dr_mab_per_cell" in frame:
+        measured = frame["hla_dr_mab_per_cell"].notna().to_numpy(bool)
+        masks["hla_dr=measured"], masks["hla_dr=not measured"] = measured, ~measured
     return {name: mask for name, mask in masks.items() if mask.any()}
 
 
@@ -539,6 +557,7 @@ def benchmark(
     synthetic: bool = False,
     outcomes: OutcomeSpec | None = None,
     label_recode: Mapping[str, str] | None = None,
+    comparators: Sequence[str] = (),
 ) -> Benchmark:
     """Judge fitted phenotypers on the same patients; `reference` is the comparator.
 
@@ -548,7 +567,10 @@ def benchmark(
     table) are left out of the label metrics (counted in `meta["labels"]`) and stay in the
     outcome metrics; a label that is the rule's own answer gets `meta["label_warning"]`.
     `noise_repeats` re-measurements per scenario of `assay_noise_cv` measure robustness
-    (against the label). The bootstrap resamples patients
+    (against the label). Label metrics are also given on the patients the reference rule can
+    type (`rule=determinate`), with paired differences there too; `comparators` are other
+    phenotypers every one is also differenced from (a learned two-marker reference, say). The
+    bootstrap resamples patients
     by `patient_id`, the same resamples for every phenotyper and for both sections; a row
     without an id is a patient of its own. With fewer than `MIN_RESAMPLING_GROUPS` patients
     (in the cohort, or in a subgroup) there are no bootstrap intervals, and `meta["warning"]`
@@ -583,10 +605,19 @@ def benchmark(
         data = frame.loc[labelled].reset_index(drop=True)
         truth = codes[labelled].astype(int)
         scorers = {name: _Scorer(truth, p.subset(labelled)) for name, p in predictions.items()}
-        noise = _noise_outcomes(phenotypers, {n: p.subset(labelled) for n, p in
-                                              predictions.items()},
-                                data, truth, noise_repeats, seed, assay_noise_cv)
+        noise, self_pairs = _noise_outcomes(
+            phenotypers, {n: p.subset(labelled) for n, p in predictions.items()}, data, truth,
+            noise_repeats, seed, assay_noise_cv)
+        # agreement with the rule where the rule could use HLA-DR, against its own agreement
+        # with itself when the same patients are measured in another laboratory
+        measured = (data["hla_dr_mab_per_cell"].notna().to_numpy(bool)
+                    if "hla_dr_mab_per_cell" in data else np.zeros(len(data), bool))
+        rule_labels = predictions[reference].labels[labelled]
+        with_rule = {name: _label_pairs(p.labels[labelled], rule_labels)[measured]
+                     for name, p in predictions.items()}
+        rule_self = self_pairs[reference][measured] if reference in self_pairs else None
         subgroups = _subgroups(data)
+        subgroups[RULE_DETERMINATE] = predictions[reference].labels[labelled] != INDETERMINATE
     judged_by_outcome = None
     if outcomes is not None:
         try:
@@ -608,6 +639,14 @@ def benchmark(
             for metric, value in scorer.label_metrics(weights, mask).items():
                 if metric in SUBGROUP_METRICS:
                     out[f"{metric}|{group}"] = value
+        if measured.any():
+            kappa = _kappa(weights[:, measured] @ with_rule[name])
+            out["kappa_with_rule"] = kappa
+            if rule_self is not None:
+                own = _kappa(weights[:, measured] @ rule_self)
+                if name == reference:
+                    out[f"rule_self_kappa_{AGREEMENT_SCENARIO}"] = own
+                out[f"kappa_with_rule_minus_rule_self_kappa_{AGREEMENT_SCENARIO}"] = kappa - own
         return out
 
     ones = np.ones((1, len(frame)))
@@ -639,14 +678,18 @@ def benchmark(
             base, _, subgroup = metric.partition("|")
             low, high = _interval(None if subgroup in thin else boot[name].get(metric))
             rows.append((name, base, subgroup or "all", float(value[0]), low, high))
-            if name != reference and not subgroup and base != "n":
-                ref_value = point[reference].get(metric, [np.nan])[0]
+            if base == "n" or "_minus_" in base or (subgroup and subgroup not in
+                                                     PAIRED_SUBGROUPS):
+                continue
+            for other in (reference, *comparators):
+                if other == name or other not in point:
+                    continue
+                other_value = point[other].get(metric, [np.nan])[0]
                 low, high = np.nan, np.nan
-                if metric in boot[name]:
-                    low, high = _interval(boot[name][metric]
-                                          - boot[reference].get(metric, np.nan))
-                rows.append((name, f"{base}_minus_{reference}", "all",
-                             float(value[0] - ref_value), low, high))
+                if metric in boot[name] and subgroup not in thin:
+                    low, high = _interval(boot[name][metric] - boot[other].get(metric, np.nan))
+                rows.append((name, f"{base}_minus_{other}", subgroup or "all",
+                             float(value[0] - other_value), low, high))
     meta: dict[str, Any] = {
         "label": label, "reference": reference, "n_patients": len(frame),
         "n_labelled": int(labelled.sum()),
@@ -683,17 +726,21 @@ def benchmark(
 def _noise_outcomes(phenotypers: Mapping[str, Any], predictions: Mapping[str, Predictions],
                     data: pd.DataFrame, truth: np.ndarray, repeats: int, seed: int,
                     assay_noise_cv: Mapping[str, Mapping[str, float]],
-                    ) -> dict[str, dict[str, np.ndarray]]:
-    """Per-patient shares of re-measurements that flip the phenotype or get it right.
+                    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Per-patient shares of re-measurements that flip the phenotype or get it right, and per
+    phenotyper the per-patient share of (original label, re-measured label) pairs in
+    AGREEMENT_SCENARIO, (patients, labels x labels), for its agreement with itself.
 
     Every phenotyper sees the same re-measured cohorts. `flip_rate_near_cutoff_*` is a ratio
     (flips among patients near a rule cut-off), stored as numerator and denominator rows.
     """
     out: dict[str, dict[str, np.ndarray]] = {name: {} for name in phenotypers}
+    pairs: dict[str, np.ndarray] = {}
     if repeats < 1:
-        return out
+        return out, pairs
     near = np.zeros(len(data), bool)
-    for column, cutoff in (("ferritin_ng_ml", 4420.0), ("hla_dr_mab_per_cell", 5000.0)):
+    for column, cutoff in (("ferritin_ng_ml", FERRITIN_MALS_NG_ML),
+                           ("hla_dr_mab_per_cell", HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL)):
         if column in data:
             relative = np.abs(data[column].to_numpy(dtype=float) / cutoff - 1)
             near |= np.nan_to_num(relative, nan=np.inf) <= NEAR_CUTOFF_RELATIVE
@@ -707,12 +754,32 @@ def _noise_outcomes(phenotypers: Mapping[str, Any], predictions: Mapping[str, Pr
                 labels = np.asarray(estimator.predict(again), dtype=object)
                 flips[name] += labels != predictions[name].labels
                 right[name] += labels == np.asarray(PHENOTYPES, dtype=object)[truth]
+                if scenario == AGREEMENT_SCENARIO:
+                    pairs[name] = pairs.get(name, 0) + _label_pairs(
+                        predictions[name].labels, labels) / repeats
         for name in phenotypers:
             out[name][f"flip_rate_{scenario}"] = flips[name] / repeats
             out[name][f"accuracy_remeasured_{scenario}"] = right[name] / repeats
             out[name][f"flip_rate_near_cutoff_{scenario}"] = np.vstack(
                 [flips[name] / repeats * near, near.astype(float)])
-    return out
+    return out, pairs
+
+
+def _label_pairs(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """One-hot (patients, labels x labels) of each patient's pair of predicted labels."""
+    codes = pd.Categorical(first, categories=PREDICTED_LABELS).codes * len(PREDICTED_LABELS) + \
+        pd.Categorical(second, categories=PREDICTED_LABELS).codes
+    return np.eye(len(PREDICTED_LABELS) ** 2)[codes]
+
+
+def _kappa(pairs: np.ndarray) -> np.ndarray:
+    """Cohen's kappa from weighted pair counts (resamples, labels x labels)."""
+    L = len(PREDICTED_LABELS)
+    table = pairs.reshape(-1, L, L)
+    total = table.sum(axis=(1, 2))
+    observed = _divide(np.trace(table, axis1=1, axis2=2), total)
+    expected = _divide((table.sum(axis=2) * table.sum(axis=1)).sum(axis=1), total**2)
+    return _divide(observed - expected, 1 - expected)
 
 
 def _confusion_frame(confusion: np.ndarray) -> pd.DataFrame:

@@ -10,6 +10,7 @@ on the held-out patients. `train` wraps it in an MLflow run and applies the prom
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import tomllib
@@ -23,7 +24,13 @@ from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, cross_val_predict
 
 from phenotyper.cohort import read_cohort
-from phenotyper.evaluate import Benchmark, benchmark, calibration_by_phenotype
+from phenotyper.evaluate import (
+    AGREEMENT_SCENARIO,
+    RULE_DETERMINATE,
+    Benchmark,
+    benchmark,
+    calibration_by_phenotype,
+)
 from phenotyper.labels import (
     LabelReading,
     accepted_words,
@@ -33,6 +40,7 @@ from phenotyper.labels import (
     rule_derived_warning,
 )
 from phenotyper.models import CANDIDATES, LogitRecalibrated, build_candidate
+from phenotyper.outcomes import OutcomeSpec
 from phenotyper.panel import PANEL, PATIENT_ID, SITE_ID
 from phenotyper.rules import PHENOTYPES, reference_rules
 from phenotyper.simulate import is_synthetic, simulate
@@ -56,14 +64,23 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
 CALIBRATION_TOLERANCE = 0.15
 
 _TOP_KEYS = {"name", "description", "registered_model", "label", "cohort", "features", "split",
-             "candidates", "selection", "benchmark"}
+             "candidates", "selection", "benchmark", "outcome"}
 _SECTION_KEYS = {
     "cohort": {"path", "mapping", "preset", "n", "seed"},
     "features": {"markers", "exclude", "extra"},
     "split": {"by", "test_size", "seed", "cv_folds"},
-    "selection": {"metric", "rule_metric", "champion_tolerance"},
+    "selection": {"metric", "rule_metric", "champion_tolerance", "gate", "determinate",
+                  "agreement_margin"},
     "benchmark": {"bootstrap", "noise_repeats", "seed"},
+    "outcome": {"treatment", "outcome", "propensity", "higher_is_better"},
 }
+# Gate modes: beat the rule (superiority), or reproduce it without HLA-DR (agreement: Cohen's
+# kappa with the rule, non-inferior to the rule's own kappa under between-lab re-measurement).
+SUPERIORITY, AGREEMENT = "superiority", "agreement"
+GATES = (SUPERIORITY, AGREEMENT)
+# The learned two-marker reference: the selected learner refitted on the rule's own markers.
+TWO_MARKER = "two_marker"
+RULE_MARKERS = ("ferritin_ng_ml", "hla_dr_mab_per_cell")
 
 
 class ExperimentError(ValueError):
@@ -93,6 +110,13 @@ class ExperimentSpec:
     selection_metric: str = "log_loss"
     rule_metric: str = "balanced_accuracy"
     champion_tolerance: float = 0.01
+    gate: str = SUPERIORITY
+    determinate: bool = True  # superiority must also hold on the patients the rule can type
+    agreement_margin: float = 0.05
+    outcomes: tuple[str, ...] = ()
+    treatment: str | None = None
+    propensity: str | None = None
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
     bootstrap: int = 1000
     noise_repeats: int = 20
     benchmark_seed: int = 0
@@ -164,6 +188,12 @@ def load_spec(path: str | Path) -> ExperimentSpec:
                            selection.get("rule_metric", "balanced_accuracy"), str),
         champion_tolerance=_typed(where, "selection.champion_tolerance",
                                   selection.get("champion_tolerance", 0.01), (float, int)),
+        gate=_typed(where, "selection.gate", selection.get("gate", SUPERIORITY), str),
+        determinate=_typed(where, "selection.determinate", selection.get("determinate", True),
+                           bool),
+        agreement_margin=_typed(where, "selection.agreement_margin",
+                                selection.get("agreement_margin", 0.05), (float, int)),
+        **_outcome_fields(where, sections["outcome"]),
         bootstrap=_typed(where, "benchmark.bootstrap", bench.get("bootstrap", 1000), int),
         noise_repeats=_typed(where, "benchmark.noise_repeats", bench.get("noise_repeats", 20),
                              int),
@@ -172,6 +202,44 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     )
     check_spec(spec, where)
     return spec
+
+
+def _outcome_fields(where: str, table: dict[str, Any]) -> dict[str, Any]:
+    """The `[outcome]` table: outcome (a column or a list), treatment, propensity and
+    higher_is_better (true/false for every outcome, or a table by outcome)."""
+    if not table:
+        return {}
+    outcome = table.get("outcome")
+    if outcome is None:
+        raise ExperimentError(f"{where} [outcome]: name the outcome column(s), e.g. outcome = "
+                              '["sofa_response", "death_28d"].')
+    outcomes = tuple(_typed(where, "outcome.outcome", [outcome] if isinstance(outcome, str)
+                            else outcome, list))
+    direction = table.get("higher_is_better", {})
+    if isinstance(direction, bool):
+        direction = {name: direction for name in outcomes}
+    direction = _typed(where, "outcome.higher_is_better", direction, dict)
+    treatment = table.get("treatment")
+    propensity = table.get("propensity")
+    if propensity is not None and treatment is None:
+        raise ExperimentError(f"{where} [outcome]: 'propensity' needs 'treatment' (the arm whose "
+                              "probability it is).")
+    return {
+        "outcomes": outcomes,
+        "treatment": None if treatment is None else _typed(where, "outcome.treatment",
+                                                           treatment, str),
+        "propensity": None if propensity is None else _typed(where, "outcome.propensity",
+                                                             propensity, str),
+        "higher_is_better": {str(k): _typed(where, f"outcome.higher_is_better.{k}", v, bool)
+                             for k, v in direction.items()},
+    }
+
+
+def outcome_spec(spec: ExperimentSpec) -> OutcomeSpec | None:
+    """What the benchmark judges outcomes by, or None without an [outcome] table."""
+    if not spec.outcomes:
+        return None
+    return OutcomeSpec(spec.outcomes, spec.treatment, spec.propensity, spec.higher_is_better)
 
 
 def default_spec(cohort_path: str | Path, label: str, name: str,
@@ -201,6 +269,13 @@ def check_spec(spec: ExperimentSpec, where: str) -> None:
     choose("split.by", spec.split_by, ("patient", "site"))
     choose("selection.metric", spec.selection_metric, tuple(SELECTION_METRICS))
     choose("selection.rule_metric", spec.rule_metric, RULE_METRICS)
+    choose("selection.gate", spec.gate, GATES)
+    if not 0 <= spec.agreement_margin < 1:
+        raise ExperimentError(f"{where}: selection.agreement_margin must be at least 0 and "
+                              "below 1 (a difference in Cohen's kappa).")
+    if spec.gate == AGREEMENT and spec.noise_repeats < 1:
+        raise ExperimentError(f"{where}: the agreement gate compares with the rule's own kappa "
+                              "under re-measurement: set benchmark.noise_repeats to at least 1.")
     for kind in spec.candidates:
         choose("candidate", kind, CANDIDATES)
     for marker in (*(spec.markers or ()), *spec.exclude):
@@ -251,6 +326,8 @@ class TrainingResult:
     # `rule_agreement_n` with the ImmunoSep rule where it is determinate, and `warning` (None,
     # or why accuracy against this label cannot judge a model).
     labels: dict[str, Any] = field(default_factory=dict)
+    # The learned two-marker reference (`TWO_MARKER`), judged beside the rule and the models.
+    two_marker: CandidateResult | None = None
 
 
 class LoadedCohort(NamedTuple):
@@ -416,16 +493,35 @@ def fit_and_evaluate(spec: ExperimentSpec, champion: Any = None) -> TrainingResu
     candidates = {kind: tune(spec, kind, train, y, features) for kind in spec.candidates}
     _, _, higher_better = SELECTION_METRICS[spec.selection_metric]
     ranked = sorted(candidates.values(), key=lambda c: c.cv_score, reverse=higher_better)
+    two_marker = _two_marker_reference(spec, ranked[0], train, y, features)
     phenotypers = {name: rule.fit(test) for name, rule in reference_rules().items()}
     phenotypers.update({kind: result.estimator for kind, result in candidates.items()})
+    if two_marker is not None:
+        phenotypers[TWO_MARKER] = two_marker.estimator
     if champion is not None and _can_judge(champion, test):
         phenotypers[CHAMPION] = champion
     judged = benchmark(phenotypers, test, spec.label, reference=REFERENCE_RULE,
                        n_boot=spec.bootstrap, seed=spec.benchmark_seed,
                        noise_repeats=spec.noise_repeats,
-                       synthetic=spec.preset is not None or is_synthetic(cohort))
+                       synthetic=spec.preset is not None or is_synthetic(cohort),
+                       outcomes=outcome_spec(spec),
+                       comparators=(TWO_MARKER,) if two_marker is not None else ())
     return TrainingResult(spec, train, test, features, candidates, ranked[0].kind, judged,
-                          source, labels)
+                          source, labels, two_marker)
+
+
+def _two_marker_reference(spec: ExperimentSpec, selected: CandidateResult, train: pd.DataFrame,
+                          y: np.ndarray, features: tuple[str, ...]) -> CandidateResult | None:
+    """The selected learner, with its tuned settings, refitted on the rule's own markers that
+    the experiment allows (ferritin and HLA-DR; ferritin alone where HLA-DR is excluded): what
+    better cut-offs and abstaining less on the rule's markers alone would reach. None when the
+    experiment allows neither, or nothing else."""
+    markers = tuple(m for m in RULE_MARKERS if m in features)
+    if not markers or set(markers) == set(features):
+        return None
+    settings = {key: [value] for key, value in selected.best_params.items()}
+    refit = dataclasses.replace(spec, candidates={selected.kind: settings})
+    return tune(refit, selected.kind, train, y, markers)
 
 
 def _can_judge(model: Any, frame: pd.DataFrame) -> bool:
@@ -450,47 +546,103 @@ class GateDecision:
 
 
 def promotion_decision(result: TrainingResult, champion_version: str | None) -> GateDecision:
-    """Promote only if the selected model beats the ImmunoSep rule (paired 95% CI of the rule
-    metric above zero) and is not worse than the current champion on the selection metric, on
-    the same held-out patients, by more than the tolerance."""
+    """Whether the selected model may become champion, on the held-out patients.
+
+    `superiority` (default): the paired 95% CI of the rule metric's difference from the
+    ImmunoSep rule is above zero, overall and (`selection.determinate`) on the patients the rule
+    can type, so abstentions alone cannot pass; the difference from the learned two-marker
+    reference is reported beside it. `agreement`: the model's Cohen's kappa with the rule (on
+    patients with HLA-DR measured) is non-inferior, by `agreement_margin`, to the rule's kappa
+    with itself when the same patients are measured in another laboratory. Either way the model
+    may be at most `champion_tolerance` worse than the current champion on the selection metric.
+    """
     spec, records = result.spec, result.benchmark.records
-    overall = records[records.subgroup == "all"].set_index(["phenotyper", "metric"])
+    table = records.set_index(["phenotyper", "metric", "subgroup"])
     selected = result.selected
-    difference = overall.loc[(selected, f"{spec.rule_metric}_minus_{REFERENCE_RULE}")]
     _, metric, higher_better = SELECTION_METRICS[spec.selection_metric]
-    challenger = float(overall.loc[(selected, metric), "value"])
-    numbers: dict[str, float | str] = {
-        "rule_metric": spec.rule_metric,
-        "rule_difference": float(difference.value),
-        "rule_difference_ci_low": float(difference.ci_low),
-        "rule_difference_ci_high": float(difference.ci_high),
-        "selection_metric": spec.selection_metric,
-        "challenger_value": challenger,
-        "tolerance": spec.champion_tolerance,
-    }
-    beats_rule = difference.ci_low > 0
-    if not beats_rule:
-        return GateDecision(False, f"{selected} does not beat the ImmunoSep rule on "
-                            f"{spec.rule_metric} (paired 95% CI {difference.ci_low:+.4f} to "
-                            f"{difference.ci_high:+.4f} includes or is below 0)", numbers)
+    challenger = float(table.loc[(selected, metric, "all"), "value"])
+    numbers: dict[str, float | str] = {"gate": spec.gate, "selection_metric": spec.selection_metric,
+                                       "challenger_value": challenger,
+                                       "tolerance": spec.champion_tolerance}
+
+    def difference(name: str, other: str, subgroup: str = "all",
+                   metric_name: str = spec.rule_metric) -> Any:
+        key = (name, f"{metric_name}_minus_{other}", subgroup)
+        return table.loc[key] if key in table.index else None
+
+    if spec.gate == AGREEMENT:
+        stem = f"kappa_with_rule_minus_rule_self_kappa_{AGREEMENT_SCENARIO}"
+        key = (selected, stem, "all")
+        if key not in table.index:
+            return GateDecision(False, "the agreement gate needs patients with HLA-DR measured "
+                                "and re-measurements (benchmark.noise_repeats)", numbers)
+        row = table.loc[key]
+        kappa = float(table.loc[(selected, "kappa_with_rule", "all"), "value"])
+        numbers.update({"kappa_with_rule": kappa, "kappa_difference": float(row.value),
+                        "kappa_difference_ci_low": float(row.ci_low),
+                        "kappa_difference_ci_high": float(row.ci_high),
+                        "agreement_margin": spec.agreement_margin})
+        if not row.ci_low > -spec.agreement_margin:
+            return GateDecision(False, f"{selected} agrees with the ImmunoSep rule less than the "
+                                f"rule agrees with itself between laboratories, beyond the margin "
+                                f"{spec.agreement_margin} (kappa difference {row.value:+.3f}, 95% "
+                                f"CI {row.ci_low:+.3f} to {row.ci_high:+.3f})", numbers)
+        passed = (f"agrees with the ImmunoSep rule (kappa {kappa:.3f}) within "
+                  f"{spec.agreement_margin} of the rule's own between-lab kappa "
+                  f"(difference {row.value:+.3f}, CI low {row.ci_low:+.3f})")
+    else:
+        overall = difference(selected, REFERENCE_RULE)
+        numbers.update({"rule_metric": spec.rule_metric,
+                        "rule_difference": float(overall.value),
+                        "rule_difference_ci_low": float(overall.ci_low),
+                        "rule_difference_ci_high": float(overall.ci_high)})
+        determinate = difference(selected, REFERENCE_RULE, RULE_DETERMINATE)
+        if determinate is not None:
+            numbers.update({"determinate_difference": float(determinate.value),
+                            "determinate_difference_ci_low": float(determinate.ci_low),
+                            "determinate_difference_ci_high": float(determinate.ci_high)})
+        two = difference(selected, TWO_MARKER)
+        if two is not None:
+            numbers.update({"two_marker_difference": float(two.value),
+                            "two_marker_difference_ci_low": float(two.ci_low),
+                            "two_marker_difference_ci_high": float(two.ci_high)})
+        if result.labels.get("warning"):
+            return GateDecision(False, "the label is the ImmunoSep rule's own answer, so no "
+                                "model can beat the rule against it; judge a model that "
+                                "reproduces the rule with selection.gate = 'agreement'",
+                                numbers)
+        if not overall.ci_low > 0:
+            return GateDecision(False, f"{selected} does not beat the ImmunoSep rule on "
+                                f"{spec.rule_metric} (paired 95% CI {overall.ci_low:+.4f} to "
+                                f"{overall.ci_high:+.4f} includes or is below 0)", numbers)
+        if spec.determinate and determinate is not None and not determinate.ci_low > 0:
+            return GateDecision(False, f"{selected} beats the ImmunoSep rule overall but not on "
+                                f"the patients the rule can type ({spec.rule_metric} "
+                                f"{determinate.value:+.4f}, paired 95% CI "
+                                f"{determinate.ci_low:+.4f} to {determinate.ci_high:+.4f}): its "
+                                "lead is the rule's abstentions", numbers)
+        passed = (f"beats the ImmunoSep rule on {spec.rule_metric} ({overall.value:+.4f}"
+                  + (f"; {determinate.value:+.4f} where the rule can type"
+                     if determinate is not None else "")
+                  + (f"; {two.value:+.4f} against the two-marker reference" if two is not None
+                     else "") + ")")
     if champion_version is None:
-        return GateDecision(True, f"beats the ImmunoSep rule on {spec.rule_metric} "
-                            f"({difference.value:+.4f}); no champion yet", numbers)
+        return GateDecision(True, f"{passed}; no champion yet", numbers)
     numbers["champion_version"] = champion_version
-    if (CHAMPION, metric) not in overall.index:
+    if (CHAMPION, metric, "all") not in table.index:
         return GateDecision(False, f"the current champion (version {champion_version}) could "
                             "not be judged on this test set; promote by hand if intended",
                             numbers)
-    current = float(overall.loc[(CHAMPION, metric), "value"])
+    current = float(table.loc[(CHAMPION, metric, "all"), "value"])
     numbers["champion_value"] = current
     margin = (current - challenger) if higher_better else (challenger - current)
     if margin > spec.champion_tolerance:
         return GateDecision(False, f"worse than champion version {champion_version} on "
                             f"{metric} ({challenger:.4f} vs {current:.4f}, tolerance "
                             f"{spec.champion_tolerance})", numbers)
-    return GateDecision(True, f"beats the ImmunoSep rule and is within {spec.champion_tolerance} "
-                        f"of champion version {champion_version} on {metric} "
-                        f"({challenger:.4f} vs {current:.4f})", numbers)
+    return GateDecision(True, f"{passed}, and is within {spec.champion_tolerance} of champion "
+                        f"version {champion_version} on {metric} ({challenger:.4f} vs "
+                        f"{current:.4f})", numbers)
 
 
 @dataclass(frozen=True)

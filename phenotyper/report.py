@@ -33,6 +33,7 @@ from phenotyper.evaluate import (
     INTERFERON_GAMMA,
     MAX_UNDEFINED_SHARE,
     MIN_RESAMPLING_GROUPS,
+    RULE_DETERMINATE,
     TREATED_PHENOTYPE,
     Benchmark,
 )
@@ -253,6 +254,7 @@ def _markdown(benchmark: Benchmark, source: str, names: list[str], numbers: _Num
         sections += [
             _headline(names, numbers),
             _differences(benchmark, names, numbers),
+            _determinate(benchmark, names, numbers),
             _per_phenotype(names, numbers),
             _treatment(benchmark, names),
             _net_benefit(benchmark, names, numbers),
@@ -338,6 +340,41 @@ def _differences(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> l
         f"is not computed for one of the two.",
         "",
         *_table(["metric", *others], rows),
+    ]
+
+
+DETERMINATE_METRICS = {"n": "patients", "accuracy": "accuracy",
+                       "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
+                       "coverage": "coverage (not indeterminate)"}
+
+
+def _determinate(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> list[str]:
+    """Headline metrics on the patients the reference rule can type, and the differences."""
+    reference = benchmark.meta["reference"]
+    if (reference, "n", RULE_DETERMINATE) not in numbers:
+        return []
+    rows = []
+    for metric, label in DETERMINATE_METRICS.items():
+        cells = []
+        for name in names:
+            value = numbers.get((name, metric, RULE_DETERMINATE), _MISSING)
+            if metric == "n":
+                cells.append(f"{value[0]:,.0f}")
+                continue
+            cell = format_estimate(metric, *value)
+            if name != reference:
+                cell += "; " + format_estimate(metric, *numbers.get(
+                    (name, f"{metric}_minus_{reference}", RULE_DETERMINATE), _MISSING),
+                    difference=True)
+            cells.append(cell)
+        rows.append([label, *cells])
+    return [
+        f"## On the patients `{reference}` can type", "",
+        f"The headline again on the patients for whom `{reference}` is not indeterminate: "
+        "part of any phenotyper's lead over the rule is answering where the rule abstains, "
+        "which this table removes. Each cell: the value, then the paired difference from "
+        f"`{reference}` on the same resamples.", "",
+        *_table(["metric", *names], rows),
     ]
 
 
@@ -466,7 +503,7 @@ def _subgroups(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> lis
     reference = benchmark.meta["reference"]
     groups: dict[str, list[str]] = {}
     for subgroup in dict.fromkeys(benchmark.records["subgroup"]):
-        if subgroup != "all":
+        if subgroup != "all" and (reference, "n", subgroup) in numbers:
             groups.setdefault(subgroup.partition("=")[0], []).append(subgroup)
     lines = ["## Subgroups", "",
              "Accuracy (share of patients phenotyped right, indeterminate counted as wrong) in "

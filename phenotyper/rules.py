@@ -57,7 +57,9 @@ def immunosep_phenotype(
 class ImmunoSepRule(ClassifierMixin, BaseEstimator):
     """The ImmunoSep fixed-threshold rule; thresholds are parameters (None drops a criterion).
 
-    `predict` may answer `indeterminate` (not one of `classes_`): the rule abstains.
+    `predict` may answer `indeterminate` (not one of `classes_`): the rule abstains, unless
+    `indeterminate_as` names the phenotype to answer instead (a fair reading of the rule for
+    metrics that count an abstention as wrong: ImmunoSep did not treat such patients).
     `predict_proba` is one-hot over `classes_`, and uniform where the rule abstains.
     """
 
@@ -69,9 +71,11 @@ class ImmunoSepRule(ClassifierMixin, BaseEstimator):
         self,
         ferritin_threshold_ng_ml: float | None = FERRITIN_MALS_NG_ML,
         hla_dr_threshold_mab_per_cell: float | None = HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+        indeterminate_as: str | None = None,
     ) -> None:
         self.ferritin_threshold_ng_ml = ferritin_threshold_ng_ml
         self.hla_dr_threshold_mab_per_cell = hla_dr_threshold_mab_per_cell
+        self.indeterminate_as = indeterminate_as
 
     def fit(self, X: pd.DataFrame, y: object = None) -> ImmunoSepRule:
         """Learn nothing: a fixed rule. Sets `classes_` so it looks like any classifier."""
@@ -81,9 +85,12 @@ class ImmunoSepRule(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         ferritin, hla_dr = self._markers(X)
-        return immunosep_phenotype(
+        labels = immunosep_phenotype(
             ferritin, hla_dr, self.ferritin_threshold_ng_ml, self.hla_dr_threshold_mab_per_cell
         )
+        if self.indeterminate_as is not None:
+            labels[labels == INDETERMINATE] = self.indeterminate_as
+        return labels
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         labels = self.predict(X)
@@ -112,5 +119,8 @@ def reference_rules() -> dict[str, ImmunoSepRule]:
         "hla_dr_only": ImmunoSepRule(ferritin_threshold_ng_ml=None),
         "immunosep_hla_dr_8000": ImmunoSepRule(
             hla_dr_threshold_mab_per_cell=HLA_DR_MODERATE_MAB_PER_CELL
+        ),
+        "immunosep_indeterminate_as_unclassified": ImmunoSepRule(
+            indeterminate_as=UNCLASSIFIED
         ),
     }
