@@ -70,7 +70,7 @@ _SECTION_KEYS = {
     "features": {"markers", "exclude", "extra"},
     "split": {"by", "test_size", "seed", "cv_folds"},
     "selection": {"metric", "rule_metric", "champion_tolerance", "gate", "determinate",
-                  "agreement_margin"},
+                  "agreement_margin", "two_marker"},
     "benchmark": {"bootstrap", "noise_repeats", "seed"},
     "outcome": {"treatment", "outcome", "propensity", "higher_is_better"},
 }
@@ -113,6 +113,9 @@ class ExperimentSpec:
     gate: str = SUPERIORITY
     determinate: bool = True  # superiority must also hold on the patients the rule can type
     agreement_margin: float = 0.05
+    # "report": the difference from the two-marker reference is shown; "require": the model
+    # must also beat it (paired CI above 0), i.e. the markers beyond the rule's must add.
+    two_marker: str = "report"
     outcomes: tuple[str, ...] = ()
     treatment: str | None = None
     propensity: str | None = None
@@ -193,6 +196,8 @@ def load_spec(path: str | Path) -> ExperimentSpec:
                            bool),
         agreement_margin=_typed(where, "selection.agreement_margin",
                                 selection.get("agreement_margin", 0.05), (float, int)),
+        two_marker=_typed(where, "selection.two_marker", selection.get("two_marker", "report"),
+                          str),
         **_outcome_fields(where, sections["outcome"]),
         bootstrap=_typed(where, "benchmark.bootstrap", bench.get("bootstrap", 1000), int),
         noise_repeats=_typed(where, "benchmark.noise_repeats", bench.get("noise_repeats", 20),
@@ -270,6 +275,7 @@ def check_spec(spec: ExperimentSpec, where: str) -> None:
     choose("selection.metric", spec.selection_metric, tuple(SELECTION_METRICS))
     choose("selection.rule_metric", spec.rule_metric, RULE_METRICS)
     choose("selection.gate", spec.gate, GATES)
+    choose("selection.two_marker", spec.two_marker, ("report", "require"))
     if not 0 <= spec.agreement_margin < 1:
         raise ExperimentError(f"{where}: selection.agreement_margin must be at least 0 and "
                               "below 1 (a difference in Cohen's kappa).")
@@ -621,6 +627,11 @@ def promotion_decision(result: TrainingResult, champion_version: str | None) -> 
                                 f"{determinate.value:+.4f}, paired 95% CI "
                                 f"{determinate.ci_low:+.4f} to {determinate.ci_high:+.4f}): its "
                                 "lead is the rule's abstentions", numbers)
+        if spec.two_marker == "require" and two is not None and not two.ci_low > 0:
+            return GateDecision(False, f"{selected} does not beat the two-marker reference on "
+                                f"{spec.rule_metric} ({two.value:+.4f}, paired 95% CI "
+                                f"{two.ci_low:+.4f} to {two.ci_high:+.4f}): the markers beyond "
+                                "ferritin and HLA-DR add nothing measurable", numbers)
         passed = (f"beats the ImmunoSep rule on {spec.rule_metric} ({overall.value:+.4f}"
                   + (f"; {determinate.value:+.4f} where the rule can type"
                      if determinate is not None else "")

@@ -232,6 +232,9 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
     columns["age_years"] = np.clip(columns["age_years"], population["age_min_years"], AGE_MAX_YEARS)
     late_sample = rng.random(n) < population["late_sample_share"]
     columns["hla_dr_mab_per_cell"][~has_flow[site] | late_sample] = np.nan
+    if "hla_dr_order_share" in population:  # informative missingness: ordered on suspicion
+        ordered = rng.random(n) < _per_phenotype(population["hla_dr_order_share"])[phenotype_code]
+        columns["hla_dr_mab_per_cell"][~ordered] = np.nan
     for column in CYTOKINES:
         columns[column][~has_cytokines[site]] = np.nan
     sex = np.where(rng.random(n) < population["male_share"], SEX_VALUES[1], SEX_VALUES[0])
@@ -584,8 +587,11 @@ def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:
     phenotypes (factor loadings, unique variance, assay noise and site bias added as variance),
     SOFA is a rounded Gaussian (an interval given the other markers), and HLA-DR is a two-part
     mixture (iced or not). Missing markers are marginalised out: missingness does not depend on
-    the phenotype. Age and sex carry no phenotype information. Clipping to the plausible range
-    and rounding of reported values are ignored (they touch a negligible share of values).
+    the phenotype, except HLA-DR's where a preset orders it by suspicion
+    (`hla_dr_order_share`): whether it was measured then enters the likelihood (marginal over
+    sites, exact where every site has flow cytometry). Age and sex carry no phenotype
+    information. Clipping to the plausible range and rounding of reported values are ignored
+    (they touch a negligible share of values).
     Returns an (n, 3) array in PHENOTYPES order; a learned model can at best match it.
     """
     from scipy.special import log_ndtr, logsumexp
@@ -644,4 +650,10 @@ def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:
                     interval = high + np.log1p(-np.exp(np.minimum(low - high, 0.0)))
                 parts.append(np.log(weight) + density + np.where(has_sofa, interval, 0.0))
             log_joint[rows, k] = logsumexp(parts, axis=0) + np.log(prior[k])
+            if "hla_dr_order_share" in law["population"]:
+                population = law["population"]
+                measured = (population["flow_cytometry_site_share"]
+                            * (1 - population["late_sample_share"])
+                            * population["hla_dr_order_share"][PHENOTYPES[k]])
+                log_joint[rows, k] += np.log(measured if pattern[hla] else 1 - measured)
     return np.exp(log_joint - logsumexp(log_joint, axis=1, keepdims=True))
