@@ -28,12 +28,19 @@ demo: setup
 	$(BIN)/phenotyper benchmark --cohort data/simulated/immunosep_screening.parquet \
 		--label phenotype_true --output reports/rules_benchmark
 	for experiment in experiments/*.toml; do $(BIN)/phenotyper train $$experiment || exit 1; done
+	$(BIN)/phenotyper simulate --preset confounded-treatment --n 20000 --seed 8 \
+		--output data/simulated/confounded_treatment.parquet
+	$(BIN)/phenotyper benchmark --cohort data/simulated/confounded_treatment.parquet \
+		--outcome sofa_response --outcome death_28d --treatment treatment \
+		--model models:/immunophenotyper@champion --noise-repeats 0 \
+		--output reports/observational_benchmark
 	$(BIN)/phenotyper model-card immunophenotyper --output models/immunophenotyper_champion.md
 	$(BIN)/python -m phenotyper.serving --model models:/immunophenotyper@champion
 	$(BIN)/phenotyper score --input data/simulated/immunosep_screening.parquet \
 		--output reports/scored/immunosep_screening.parquet \
 		--report reports/scored/immunosep_screening.html
 	@echo "Rules benchmark: reports/rules_benchmark/benchmark.md"
+	@echo "Policy values on an observational cohort (AIPW): reports/observational_benchmark/benchmark.md"
 	@echo "Champion's model card: models/immunophenotyper_champion.md"
 	@echo "Scored cohort and its report: reports/scored/"
 	@echo "Runs and registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"

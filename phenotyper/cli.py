@@ -173,7 +173,7 @@ def train(
     except (experiments.ExperimentError, CohortError, EvaluationError,
             simulator.PresetError) as error:
         exit_with_error(str(error))
-    shown = ["immunosep", *outcome.result.candidates, "champion"]
+    shown = ["immunosep", *outcome.result.candidates, "two_marker", "champion"]
     _print_headline(outcome.result.benchmark, shown)
     console = Console()
     labels = outcome.result.labels  # what the label said, what was left out and why
@@ -416,7 +416,7 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
         table.add_column("metric")
         for name in names:
             table.add_column(name.replace("_", " "), justify="right")
-        for metric, words in report.HEADLINE.items():
+        for metric, words in report.headline_metrics(result.meta).items():
             cells = [report.format_estimate(metric, *indexed.loc[(name, metric)][
                          ["value", "ci_low", "ci_high"]]).replace(" (", "\n(")
                      if (name, metric) in indexed.index else "n/a" for name in names]

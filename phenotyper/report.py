@@ -43,6 +43,7 @@ from phenotyper.outcome_report import (
     PSEUDO_PHENOTYPERS,
     forest_figure,
     outcome_markdown,
+    policy_table,
 )
 from phenotyper.packaged import OK
 from phenotyper.score import MODEL_REJECTED, NOT_SCORED, ScoreSummary
@@ -71,6 +72,10 @@ SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are 
 SYNTHETIC_TITLE = " (synthetic data)"
 
 # Headline rows, in reading order, with the words a clinician reads them by.
+# Label-based treatment errors: headline rows only when no outcome says who benefits (with
+# outcomes, the policy value is the headline for treatment; these stay in the Treatment section).
+LABEL_TREATMENT_ROWS = ("harm_interferon_gamma_to_MALS", "harm_anakinra_to_immunoparalysis",
+                        "missed_immunotherapy")
 HEADLINE: dict[str, str] = {
     "coverage": "coverage (not indeterminate)",
     "accuracy": "accuracy",
@@ -252,7 +257,7 @@ def _markdown(benchmark: Benchmark, source: str, names: list[str], numbers: _Num
     sections = [_header(benchmark, source), outcome_markdown(benchmark.meta, names, numbers)]
     if benchmark.meta.get("label") is not None:
         sections += [
-            _headline(names, numbers),
+            _headline(benchmark, names, numbers),
             _differences(benchmark, names, numbers),
             _determinate(benchmark, names, numbers),
             _per_phenotype(names, numbers),
@@ -301,10 +306,18 @@ def _header(benchmark: Benchmark, source: str) -> list[str]:
     return lines
 
 
-def _headline(names: list[str], numbers: _Numbers) -> list[str]:
+def headline_metrics(meta: dict[str, Any]) -> dict[str, str]:
+    """The headline rows for a benchmark: label-based treatment errors give way to the policy
+    value when the benchmark judged treatment by outcomes."""
+    by_outcome = bool(meta.get("outcome", {}).get("method"))
+    return {metric: label for metric, label in HEADLINE.items()
+            if not (by_outcome and metric in LABEL_TREATMENT_ROWS)}
+
+
+def _headline(benchmark: Benchmark, names: list[str], numbers: _Numbers) -> list[str]:
     rows = [[label, *(format_estimate(metric, *numbers.get((name, metric, "all"), _MISSING))
                       for name in names)]
-            for metric, label in HEADLINE.items()]
+            for metric, label in headline_metrics(benchmark.meta).items()]
     return [
         "## Headline",
         "",
@@ -687,6 +700,27 @@ CARD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "cov
                 "brier")
 
 
+# What a simulated cohort's label columns mean (a user's own column is described by its name).
+LABEL_DEFINITIONS = {
+    "phenotype_true": "the simulator's latent phenotype: known only in simulation, assigned by "
+                      "the simulated law, not by a clinician",
+    "phenotype_rule": "the ImmunoSep rule applied to the measured markers: a model trained on "
+                      "it learns the rule, it cannot beat it",
+}
+
+
+def calibration_supported(numbers: _Numbers, name: str) -> bool:
+    """Whether every phenotype's test-set calibration interval contains the ideal (intercept
+    0, slope 1): the only case in which the card calls the probabilities calibrated."""
+    for phenotype in PHENOTYPES:
+        _, low, high = numbers.get((name, f"calibration_intercept_{phenotype}", "all"), _MISSING)
+        _, slope_low, slope_high = numbers.get((name, f"calibration_slope_{phenotype}", "all"),
+                                               _MISSING)
+        if not (low <= 0 <= high and slope_low <= 1 <= slope_high):
+            return False
+    return True
+
+
 def model_card(result: TrainingResult, version: str, decision: GateDecision) -> str:
     """A Model Card (Mitchell et al. 2019) for one registered version, in Markdown."""
     spec, records = result.spec, result.benchmark.records
@@ -695,19 +729,32 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
                for r in records.itertuples()}
     synthetic = bool(result.benchmark.meta.get("synthetic"))
     candidate = result.candidates[selected]
-    lines = [
+    calibrated = calibration_supported(numbers, selected)
+    two_marker = "two_marker" if result.two_marker is not None else None
+    labels = result.labels
+    by_site = spec.split_by == "site"
+    lines = [f"**{SYNTHETIC_BANNER}**", ""] if synthetic else []
+    lines += [
         f"# Model card: {spec.registered_model}, version {version}",
         "",
-        f"Experiment `{spec.name}` ({spec.source}). phenotyper {phenotyper.__version__}.",
+        f"Experiment `{spec.name}` ({spec.source}). phenotyper {phenotyper.__version__}."
+        + (f" {spec.description}" if spec.description else ""),
         "",
-        f"**Promotion gate:** {decision.reason}.",
+        f"**Promotion gate ({spec.gate}):** {decision.reason}.",
         "",
+    ]
+    if labels.get("warning"):
+        lines += [f"> **The label is the rule.** {labels['warning']}", ""]
+    lines += [
         "## Intended use",
         "",
         "Research use: estimate a septic adult's immune phenotype (MALS, immunoparalysis or "
-        "unclassified, as defined for the ImmunoSep trial) from lab markers, with calibrated "
-        "probabilities, for retrospective cohort studies and for designing trial enrichment. "
-        "It is meant to be compared with, not to replace, the fixed-threshold rules.",
+        "unclassified, as defined for the ImmunoSep trial) from lab markers, with "
+        + ("probabilities whose test-set calibration intervals all contain the ideal"
+           if calibrated else "probabilities (not all of whose calibration intervals contain "
+           "the ideal: read the calibration section before using them as risks)")
+        + ", for retrospective cohort studies and for designing trial enrichment. It is meant "
+        "to be compared with, not to replace, the fixed-threshold rules.",
         "",
         "## Out of scope",
         "",
@@ -724,11 +771,31 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
          f"The user's cohort `{result.cohort_source}`; the reference phenotype is the "
          f"`{spec.label}` column, and the model is only as good as that label."),
         "",
-        f"- Reference label: `{spec.label}`. Training patients: {len(result.train):,}; held-out "
-        f"test patients: {len(result.test):,}, split by {spec.split_by}"
-        + (" (whole sites held out: external validation)" if spec.split_by == "site" else "")
-        + ".",
-        f"- Features ({len(result.features)}): {', '.join(f'`{f}`' for f in result.features)}.",
+        f"- Reference label `{spec.label}`: "
+        + LABEL_DEFINITIONS.get(spec.label, "as supplied in the cohort; phenotyper does not "
+                                "know who assigned it, so say so in the experiment's "
+                                "description") + ".",
+    ]
+    if labels.get("summary"):
+        lines.append(f"- Reading the label: {labels['summary']}")
+    counts = [(name, labels.get(key)) for name, key in (("training", "train_counts"),
+                                                        ("test", "test_counts"))]
+    lines.append(
+        f"- Training patients: {len(result.train):,}; held-out test patients: "
+        f"{len(result.test):,}, split by {spec.split_by}"
+        + (" (whole sites held out: internal-external validation, sites of the same cohort "
+           "the model did not see)" if by_site else "") + ". Patients per class: "
+        + "; ".join(f"{name} " + ", ".join(f"{p} {n:,}" for p, n in count.items())
+                    for name, count in counts if count) + ".")
+    lines.append(f"- Features ({len(result.features)}): "
+                 f"{', '.join(f'`{f}`' for f in result.features)}.")
+    missing = [(f, float(result.train[f].isna().mean())) for f in result.features
+               if f in result.train]
+    lines.append("- Missing in the training set: " + ", ".join(
+        f"`{f}` {share:.0%}" for f, share in missing if share > 0) + "; the others complete."
+        if any(share > 0 for _, share in missing) else "- No feature is missing in the "
+        "training set.")
+    lines += [
         "",
         "## Model",
         "",
@@ -739,23 +806,71 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
         + ", ".join(f"{p} ({i:+.2f}, {s:.2f})" for p, (i, s) in candidate.calibration.items())
         + ("; outside tolerance, so its logits were recalibrated on the same folds."
            if candidate.recalibrated else "; within tolerance, used as is."),
+    ]
+    if two_marker:
+        lines += ["", f"Two-marker reference (`{two_marker}`): the same learner and settings "
+                  "refitted on the rule's own markers only. What the model gains over it is "
+                  "what the other markers add; what it gains over the rule beyond that is "
+                  "better cut-offs and fewer abstentions on the rule's markers."]
+    lines += [
         "",
         f"## Held-out performance against the `{reference}` rule",
         "",
         f"95% bootstrap intervals by patient ({result.benchmark.meta['n_boot']} resamples); "
-        "the difference uses the same resamples for both.",
+        "differences use the same resamples for both. "
+        + ("Whole sites held out: internal-external validation." if by_site else
+           "Held-out patients of the same cohort: internal validation."),
         "",
     ]
+    compared = [name for name in (selected, reference, two_marker) if name]
+    header = ["metric", *compared, f"{selected} minus {reference}"]
+    header += [f"{selected} minus {two_marker}"] if two_marker else []
     rows = []
     for metric in CARD_METRICS:
-        model = numbers.get((selected, metric, "all"), _MISSING)
-        rule = numbers.get((reference, metric, "all"), _MISSING)
-        diff = numbers.get((selected, f"{metric}_minus_{reference}", "all"), _MISSING)
-        rows.append([HEADLINE.get(metric, metric.replace("_", " ")),
-                     format_estimate(metric, *model), format_estimate(metric, *rule),
-                     format_estimate(metric, *diff, difference=True)])
-    lines += _table(["metric", selected, reference, "difference"], rows)
-    lines += ["", "## Calibration on the test set", ""]
+        row = [HEADLINE.get(metric, metric.replace("_", " ")),
+               *(format_estimate(metric, *numbers.get((name, metric, "all"), _MISSING))
+                 for name in compared)]
+        for other in (reference, two_marker):
+            if other:
+                row.append(format_estimate(metric, *numbers.get(
+                    (selected, f"{metric}_minus_{other}", "all"), _MISSING), difference=True))
+        rows.append(row)
+    lines += _table(header, rows)
+    if (reference, "n", RULE_DETERMINATE) in numbers:
+        n = numbers[(reference, "n", RULE_DETERMINATE)][0]
+        rows = [[DETERMINATE_METRICS[metric],
+                 *(format_estimate(metric, *numbers.get((name, metric, RULE_DETERMINATE),
+                                                        _MISSING)) for name in compared),
+                 format_estimate(metric, *numbers.get(
+                     (selected, f"{metric}_minus_{reference}", RULE_DETERMINATE), _MISSING),
+                     difference=True)]
+                for metric in ("accuracy", "balanced_accuracy", "macro_f1")]
+        lines += ["", f"On the {n:,.0f} test patients `{reference}` can type (its "
+                  "abstentions removed):", "",
+                  *_table(["metric", *compared, f"{selected} minus {reference}"], rows)]
+    rows = [[phenotype, *(format_estimate(f"{stem}_{phenotype}", *numbers.get(
+                (name, f"{stem}_{phenotype}", "all"), _MISSING))
+                for stem in ("sensitivity", "ppv") for name in (selected, reference))]
+            for phenotype in PHENOTYPES]
+    lines += ["", "Per phenotype (one against the rest):", "",
+              *_table(["phenotype", f"sensitivity {selected}", f"sensitivity {reference}",
+                       f"PPV {selected}", f"PPV {reference}"], rows)]
+    outcome = result.benchmark.meta.get("outcome")
+    if outcome and outcome.get("method"):
+        lines += ["", "## Outcomes on the test patients", "",
+                  "Policy value: the expected outcome had the test patients been treated as "
+                  "each phenotyper says (MALS: anakinra; immunoparalysis: interferon-gamma; "
+                  f"otherwise placebo), by {outcome['method'].upper()}; see the run's "
+                  "benchmark report for prognosis and treatment effects by phenotype.", ""]
+        names = [*compared] + (["champion"] if ("champion", "n", "all") in numbers else [])
+        for outcome_name in outcome["outcomes"]:
+            head, rows = policy_table(names, numbers, outcome_name, reference)
+            if rows:
+                lines += [f"`{outcome_name}`:", "", *_table(head, rows)]
+    lines += ["", "## Calibration on the test set", "",
+              ("Every phenotype's intervals contain the ideal (intercept 0, slope 1)."
+               if calibrated else "Not every interval contains the ideal (intercept 0, slope "
+               "1): the probabilities are not shown to be calibrated on these patients."), ""]
     rows = [[phenotype,
              format_estimate("intercept", *numbers.get(
                  (selected, f"calibration_intercept_{phenotype}", "all"), _MISSING)),

@@ -157,7 +157,10 @@ def log_result(result: TrainingResult) -> str:
         "rule_metric": spec.rule_metric, "champion_tolerance": spec.champion_tolerance,
         "bootstrap": spec.bootstrap, "noise_repeats": spec.noise_repeats,
         "selected": result.selected, "n_train": len(result.train), "n_test": len(result.test),
+        "gate": spec.gate, "outcomes": list(spec.outcomes), "treatment": spec.treatment,
+        "propensity": spec.propensity,
     }))
+    mlflow.log_dict(result.labels, "labels.json")  # how the label was read, what was left out
     source = _dataset_source(result)
     for frame, context in ((result.train, "training"), (result.test, "testing")):
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
