@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import sparse
 from sklearn.calibration import calibration_curve
 
+from phenotyper.contract import ANAKINRA, ARM_OF, ARMS, INTERFERON_GAMMA, PLACEBO
 from phenotyper.labels import LabelReading, read_labels, rule_derived_warning
 from phenotyper.outcomes import OutcomeError, OutcomeScorer, OutcomeSpec
 from phenotyper.panel import NUMERIC_MARKERS, PATIENT_ID, SITE_ID
@@ -38,21 +39,14 @@ from phenotyper.rules import (
     INDETERMINATE,
     MALS,
     PHENOTYPES,
-    UNCLASSIFIED,
 )
 
 PREDICTED_LABELS: tuple[str, ...] = (*PHENOTYPES, INDETERMINATE)
 K = len(PHENOTYPES)
 
-# What a clinician does with each phenotype: ImmunoSep's treatments (REFERENCE.md).
-ANAKINRA, INTERFERON_GAMMA, NO_IMMUNOTHERAPY = "anakinra", "interferon_gamma", "none"
-TREATMENTS: tuple[str, ...] = (ANAKINRA, INTERFERON_GAMMA, NO_IMMUNOTHERAPY)
-TREATMENT_OF: dict[str, str] = {
-    MALS: ANAKINRA,
-    IMMUNOPARALYSIS: INTERFERON_GAMMA,
-    UNCLASSIFIED: NO_IMMUNOTHERAPY,
-    INDETERMINATE: NO_IMMUNOTHERAPY,  # the trial did not randomise patients it could not type
-}
+# What a clinician does with each phenotype: ImmunoSep's treatments (contract.ARM_OF); placebo
+# stands for "no immunotherapy" in the label-based treatment table.
+TREATMENTS, TREATMENT_OF = ARMS, ARM_OF
 # Phenotype each treatment is for (decision curves: "treat if P(phenotype) >= threshold").
 TREATED_PHENOTYPE = {ANAKINRA: MALS, INTERFERON_GAMMA: IMMUNOPARALYSIS}
 NET_BENEFIT_THRESHOLDS = (0.1, 0.25, 0.5)
@@ -459,7 +453,7 @@ def _treatment_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
     """Rates per patient: agreement with the reference treatment, and the harmful errors."""
     table = treatment_table(confusion)
     total = table.sum(axis=(1, 2))
-    a, g, none = (TREATMENTS.index(t) for t in TREATMENTS)
+    a, g, none = (TREATMENTS.index(t) for t in (ANAKINRA, INTERFERON_GAMMA, PLACEBO))
     return {
         "treatment_agreement": _divide(np.trace(table, axis1=1, axis2=2), total),
         # an immunostimulant given to a hyperinflamed patient

@@ -598,20 +598,15 @@ def promotion_decision(result: TrainingResult, champion_version: str | None) -> 
                   f"(difference {row.value:+.3f}, CI low {row.ci_low:+.3f})")
     else:
         overall = difference(selected, REFERENCE_RULE)
-        numbers.update({"rule_metric": spec.rule_metric,
-                        "rule_difference": float(overall.value),
-                        "rule_difference_ci_low": float(overall.ci_low),
-                        "rule_difference_ci_high": float(overall.ci_high)})
+        numbers["rule_metric"] = spec.rule_metric
         determinate = difference(selected, REFERENCE_RULE, RULE_DETERMINATE)
-        if determinate is not None:
-            numbers.update({"determinate_difference": float(determinate.value),
-                            "determinate_difference_ci_low": float(determinate.ci_low),
-                            "determinate_difference_ci_high": float(determinate.ci_high)})
         two = difference(selected, TWO_MARKER)
-        if two is not None:
-            numbers.update({"two_marker_difference": float(two.value),
-                            "two_marker_difference_ci_low": float(two.ci_low),
-                            "two_marker_difference_ci_high": float(two.ci_high)})
+        for prefix, row in (("rule", overall), ("determinate", determinate),
+                            ("two_marker", two)):
+            if row is not None:
+                numbers.update({f"{prefix}_difference": float(row.value),
+                                f"{prefix}_difference_ci_low": float(row.ci_low),
+                                f"{prefix}_difference_ci_high": float(row.ci_high)})
         if result.labels.get("warning"):
             return GateDecision(False, "the label is the ImmunoSep rule's own answer, so no "
                                 "model can beat the rule against it; judge a model that "

@@ -8,11 +8,12 @@ estimator ran, on how many patients, and what the design could not support.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from phenotyper import markdown
 from phenotyper.contract import ARM_OF
 from phenotyper.outcomes import (
     AIPW,
@@ -46,27 +47,13 @@ _MISSING = (math.nan, math.nan, math.nan)
 
 def _estimate(value: float, low: float, high: float, difference: bool = False,
               percent: bool = True) -> str:
-    """`27.3% (25.1-29.4)`; differences signed in points (`+1.2 pp (0.4 to 2.0) *`)."""
-    if not math.isfinite(value):
-        return "n/a"
-    scale, unit = (100, " pp" if difference else "%") if percent else (1, "")
-    digits = 1 if percent else 2
-    text = f"{value * scale:{'+' if difference else ''}.{digits}f}{unit}"
-    if math.isfinite(low) and math.isfinite(high):
-        separator = " to " if difference or low < 0 else "-"
-        text += f" ({low * scale:.{digits}f}{separator}{high * scale:.{digits}f})"
-        if difference and (low > 0 or high < 0):
-            text += " *"
-    return text
+    """Rates and risk differences as shares (`27.3% (25.1-29.4)`, `+1.2 pp ...`); odds ratios
+    plain with two decimals."""
+    return markdown.estimate(value, low, high, difference, percent,
+                             digits=None if percent else 2)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]], labels: int = 1
-           ) -> list[str]:
-    def line(cells: Sequence[object]) -> str:
-        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
-
-    rule = "|" + "|".join([":---"] * labels + ["---:"] * (len(header) - labels)) + "|"
-    return [line(header), rule, *(line(row) for row in rows), ""]
+_table = markdown.table
 
 
 def policy_names(names: Sequence[str], numbers: _Numbers, outcome: str) -> list[str]:

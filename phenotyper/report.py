@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
 import phenotyper
+from phenotyper import markdown
 from phenotyper.cohort import IMPLAUSIBLE, NEGATIVE, UNKNOWN_CATEGORY, UNPARSEABLE
 from phenotyper.evaluate import (
     ANAKINRA,
@@ -195,29 +196,12 @@ def _scenarios(benchmark: Benchmark, numbers: _Numbers) -> list[str]:
 def format_estimate(
     metric: str, value: float, low: float, high: float, difference: bool = False
 ) -> str:
-    """`0.844 (0.839-0.849)`, or `84.4% (83.9-84.9)` for shares of patients; differences are
-    signed (`+1.2 pp (0.4 to 2.0) *`), starred when the interval excludes 0."""
-    if not math.isfinite(value):
-        return "n/a"
-    share = metric.startswith(SHARE_PREFIXES)
-    scale, digits = (100, 1) if share else (1, 3)
-    unit = (" pp" if difference else "%") if share else ""
-    text = f"{value * scale:{'+' if difference else ''}.{digits}f}{unit}"
-    if math.isfinite(low) and math.isfinite(high):
-        separator = " to " if difference or low < 0 else "-"
-        text += f" ({low * scale:.{digits}f}{separator}{high * scale:.{digits}f})"
-        if difference and (low > 0 or high < 0):
-            text += " *"
-    return text
+    """A metric's estimate with its interval, as a share of patients (%) when it is one."""
+    return markdown.estimate(value, low, high, difference,
+                             percent=metric.startswith(SHARE_PREFIXES))
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], labels: int = 1) -> list[str]:
-    """A GitHub-style pipe table: the first `labels` columns left-aligned, the rest right."""
-    def line(cells: Sequence[Any]) -> str:
-        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
-
-    rule = "|" + "|".join([":---"] * labels + ["---:"] * (len(header) - labels)) + "|"
-    return [line(header), rule, *(line(row) for row in rows), ""]
+_table = markdown.table
 
 
 # --- benchmark.json ---------------------------------------------------------------------------
@@ -412,7 +396,8 @@ def _per_phenotype(names: list[str], numbers: _Numbers) -> list[str]:
 def _treatment(benchmark: Benchmark, names: list[str]) -> list[str]:
     lines = ["## Treatment", "",
              "What each phenotyper's answer would give (MALS: anakinra; immunoparalysis: "
-             "interferon-gamma; unclassified or indeterminate: none) against what the "
+             "interferon-gamma; unclassified or indeterminate: placebo, no immunotherapy) "
+             "against what the "
              "reference phenotype needs. Patients; rows = needed, columns = given. An "
              "`indeterminate` answer gives no immunotherapy, as in ImmunoSep, which did not "
              "randomise patients it could not type: for an unclassified patient that counts "

@@ -65,6 +65,16 @@ def test_the_four_promised_experiments_ship() -> None:
          "either 'path' or 'preset', not both"),
         ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\nn="many"\n',
          "'cohort.n' must be int"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[outcome]\noutcome="sofa_response"\npropensity="p"\n', "'propensity' needs 'treatment'"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[outcome]\ntreatment="treatment"\n', r"\[outcome\]: name the outcome column"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[outcome]\noutcom="sofa_response"\n', "Did you mean 'outcome'"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[selection]\ngate="agreemnt"\n', "Did you mean 'agreement'"),
+        ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
+         '[selection]\ntwo_marker="always"\n', "selection.two_marker 'always' is not known"),
     ],
 )
 def test_bad_experiment_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -143,6 +153,49 @@ def test_promotion_gate(small_result, rule_ci_low, challenger, champion, promote
     assert decision.promote is promote
     assert reason in decision.reason
     assert decision.numbers["challenger_value"] == challenger
+
+
+def test_the_gate_does_not_pass_a_lead_made_of_the_rules_abstentions(small_result) -> None:
+    rows = [("logistic", "balanced_accuracy_minus_immunosep", "all", 0.05, 0.02, 0.08),
+            ("logistic", "balanced_accuracy_minus_immunosep", "rule=determinate", 0.0, -0.01,
+             0.01),
+            ("logistic", "log_loss", "all", 0.3, 0.0, 1.0)]
+    decision = promotion_decision(_with_records(small_result, rows), None)
+    assert not decision.promote
+    assert "the rule's abstentions" in decision.reason
+    lenient = dataclasses.replace(_with_records(small_result, rows), spec=dataclasses.replace(
+        small_result.spec, determinate=False))
+    assert promotion_decision(lenient, None).promote
+
+
+def test_the_policy_experiment_judges_outcomes() -> None:
+    spec = load_spec(EXPERIMENTS / "policy_all_comers.toml")
+    assert spec.preset == "all-comers-trial"
+    assert spec.outcomes == ("sofa_response", "death_28d")
+    assert (spec.treatment, spec.propensity) == ("treatment", "treatment_probability")
+
+
+def test_the_card_calls_probabilities_calibrated_only_where_the_intervals_say_so(
+        small_result) -> None:
+    from phenotyper.report import calibration_supported, model_card
+    from phenotyper.rules import PHENOTYPES
+
+    numbers = {}
+    for phenotype in PHENOTYPES:
+        numbers[("m", f"calibration_intercept_{phenotype}", "all")] = (0.05, -0.1, 0.2)
+        numbers[("m", f"calibration_slope_{phenotype}", "all")] = (0.97, 0.9, 1.05)
+    assert calibration_supported(numbers, "m")
+    numbers[("m", "calibration_slope_MALS", "all")] = (0.80, 0.72, 0.88)
+    assert not calibration_supported(numbers, "m")
+    card = model_card(small_result, "1", promotion_decision(small_result, None))
+    supported = calibration_supported(
+        {(r.phenotyper, r.metric, r.subgroup): (r.value, r.ci_low, r.ci_high)
+         for r in small_result.benchmark.records.itertuples()}, small_result.selected)
+    assert ("probabilities whose test-set calibration intervals all contain the ideal" in card) \
+        is supported
+    assert "the simulator's latent phenotype" in card
+    assert "internal validation" in card and "Patients per class" in card
+    assert "sensitivity" in card and "PPV" in card
 
 
 def test_unknown_label_is_a_clear_error(tmp_path: Path) -> None:
