@@ -97,3 +97,43 @@ def test_outcome_options_get_clear_errors(trial_csv: Path, tmp_path: Path, extra
     assert message in result.stderr.replace("\n", " ")
     assert "Traceback" not in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_a_hospital_export_with_its_own_names_and_codes_is_judged_by_outcomes(
+        tmp_path: Path) -> None:
+    """Local column names and codes for the arm, the outcomes and the label, through a mapping
+    file: the benchmark reads them as phenotyper's own."""
+    trial = simulate("all-comers-trial", 1500, seed=12)
+    export = trial.rename(columns={"treatment": "Arm", "treatment_probability": "P_arm",
+                                   "sofa_response": "Responder", "death_28d": "Died"})
+    export["Arm"] = export["Arm"].map({"anakinra": "A", "interferon_gamma": "G",
+                                       "placebo": "P"})
+    export["Responder"] = export["Responder"].map({1: "yes", 0: "no"})
+    export["Phenotype"] = export["phenotype_true"].map(
+        {"MALS": "1", "immunoparalysis": "2", "unclassified": "3"})
+    export = export.drop(columns=["phenotype_true"])
+    path = write_table(export, tmp_path / "export.csv")
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        '[columns]\ntreatment = { column = "Arm", values = { "A" = "anakinra", '
+        '"G" = "interferon_gamma", "P" = "placebo" } }\ntreatment_probability = "P_arm"\n'
+        'sofa_response = "Responder"\ndeath_28d = "Died"\n'
+        '[labels]\n"1" = "MALS"\n"2" = "immunoparalysis"\n"3" = "unclassified"\n')
+    out = tmp_path / "bench"
+    result = runner.invoke(app, [*_outcome_args(path, out), "--mapping", str(mapping),
+                                 "--label", "Phenotype"])
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "benchmark.json").read_text())
+    assert document["meta"]["labels"]["n_recoded"] == len(trial)
+    records = {(r["phenotyper"], r["metric"], r["subgroup"]): r["value"]
+               for r in document["records"]}
+    assert records[("immunosep", "n", "all")] == len(trial)
+    # the same numbers as the cohort in phenotyper's own names
+    direct = tmp_path / "direct"
+    canonical = write_table(trial, tmp_path / "canonical.csv")
+    assert runner.invoke(app, [*_outcome_args(canonical, direct), "--label",
+                               "phenotype_true"]).exit_code == 0
+    again = {(r["phenotyper"], r["metric"], r["subgroup"]): r["value"]
+             for r in json.loads((direct / "benchmark.json").read_text())["records"]}
+    key = ("immunosep", "policy_value_sofa_response", "all")
+    assert records[key] == pytest.approx(again[key])
