@@ -1,7 +1,7 @@
 """Experiments as files: the spec (TOML in experiments/, validated) and the run that carries it out.
 
 An experiment names a cohort (a file, or a simulator preset), the reference label, the features,
-the split (by patient, or by site for external validation), the candidates and their search
+the split (by patient, or by site for internal-external validation), the candidates and their search
 spaces, the selection metric and the registered model name. `fit_and_evaluate` is the pure part:
 tune every candidate by grouped cross-validation inside the training set, check (and if needed
 fix) calibration out of fold, and judge all candidates, the rules and the current champion once

@@ -17,7 +17,8 @@ ARTIFACT = "phenotyper"
 
 
 class PhenotyperModel(mlflow.pyfunc.PythonModel):
-    """Phenotype, calibrated probabilities, the ImmunoSep rule and SHAP explanations."""
+    """Phenotype, probabilities (recalibrated in training where out-of-fold calibration was
+    off), the ImmunoSep rule and SHAP explanations."""
 
     def load_context(self, context: Any) -> None:
         self.model = PackagedPhenotyper(context.artifacts[ARTIFACT])
