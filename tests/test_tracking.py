@@ -200,7 +200,9 @@ def test_train_command_runs_an_experiment_file_and_benchmark_judges_the_champion
 
     result = runner.invoke(app, ["model-card", "pheno", "--output", str(tmp_path / "card.md")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "card.md").read_text().startswith("# Model card: pheno, version 1")
+    card = (tmp_path / "card.md").read_text()
+    assert card.startswith("**SYNTHETIC DATA")  # a synthetic cohort's card says so first
+    assert "\n# Model card: pheno, version 1\n" in card
 
 
 def test_a_consumer_loads_the_champion_in_a_fresh_process_without_pickle(
