@@ -25,7 +25,7 @@ from phenotyper.cohort import (
 )
 from phenotyper.evaluate import Benchmark, EvaluationError
 from phenotyper.evaluate import benchmark as run_benchmark
-from phenotyper.outcomes import OutcomeSpec
+from phenotyper.outcomes import OutcomeError, OutcomeSpec
 from phenotyper.rules import reference_rules
 from phenotyper.score import ScoreRequest, ScoringError, score_file
 
@@ -121,10 +121,17 @@ def benchmark(
                         "both.")
     if treatment is None and propensity is not None:
         exit_with_error("--propensity needs --treatment (the arm whose probability it is).")
+    both = set(higher_is_better or []) & set(lower_is_better or [])
+    if both:
+        exit_with_error(f"{', '.join(sorted(both))}: give --higher-is-better or "
+                        "--lower-is-better, not both.")
     directions = {**{name: True for name in higher_is_better or []},
                   **{name: False for name in lower_is_better or []}}
-    spec = (OutcomeSpec(tuple(outcome), treatment, propensity, directions) if outcome
-            else None)
+    try:
+        spec = (OutcomeSpec(tuple(outcome), treatment, propensity, directions) if outcome
+                else None)
+    except OutcomeError as error:
+        exit_with_error(str(error))
     try:
         read = read_cohort(cohort, mapping)
         data = read.data
@@ -397,15 +404,17 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
     names = [n for n in dict.fromkeys(records.phenotyper)
              if (only is None or n in only) and n not in outcome_report.PSEUDO_PHENOTYPERS]
     console = Console()
-    for outcome in result.meta.get("outcome", {}).get("outcomes", []):
+    outcome_meta = result.meta.get("outcome", {})
+    for outcome in outcome_meta.get("outcomes", []) if outcome_meta.get("method") else []:
         header, rows = outcome_report.policy_table(names, numbers, outcome,
                                                    result.meta["reference"], describe=False)
         if not rows:
             continue
+        better = "higher" if outcome_meta["higher_is_better"][outcome] else "lower"
         table = Table(title=f"Policy value: {outcome} if treated as each phenotyper says "
-                            "(95% CI)")
+                            f"({better} is better; 95% CI; n/a: see benchmark.md)")
         for i, column in enumerate(header):
-            table.add_column(column, justify="left" if i == 0 else "right")
+            table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
         for row in rows:
             table.add_row(*(cell.replace(" (", "\n(") for cell in row))
         console.print(table)
@@ -415,7 +424,7 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
                             "patients, 95% bootstrap CI)")
         table.add_column("metric")
         for name in names:
-            table.add_column(name.replace("_", " "), justify="right")
+            table.add_column(name.replace("_", " "), justify="right", overflow="fold")
         for metric, words in report.headline_metrics(result.meta).items():
             cells = [report.format_estimate(metric, *indexed.loc[(name, metric)][
                          ["value", "ci_low", "ci_high"]]).replace(" (", "\n(")

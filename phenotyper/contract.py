@@ -35,6 +35,9 @@ ARM_WORDS: dict[str, str] = {
     "ifng": INTERFERON_GAMMA,
     "ifn-g": INTERFERON_GAMMA,
     PLACEBO: PLACEBO,
+    "control": PLACEBO,
+    "standard_care": PLACEBO,
+    "usual_care": PLACEBO,
 }
 
 # A simulated cohort's latent phenotype: the truth a simulator knows and a hospital does not.

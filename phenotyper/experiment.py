@@ -24,6 +24,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, cross_val_predict
 
 from phenotyper.cohort import read_cohort
+from phenotyper.contract import HIGHER_IS_BETTER
 from phenotyper.evaluate import (
     AGREEMENT_SCENARIO,
     RULE_DETERMINATE,
@@ -40,7 +41,7 @@ from phenotyper.labels import (
     rule_derived_warning,
 )
 from phenotyper.models import CANDIDATES, LogitRecalibrated, build_candidate
-from phenotyper.outcomes import OutcomeSpec
+from phenotyper.outcomes import OutcomeError, OutcomeSpec, read_outcomes
 from phenotyper.panel import PANEL, PATIENT_ID, SITE_ID
 from phenotyper.rules import PHENOTYPES, reference_rules
 from phenotyper.simulate import is_synthetic, simulate
@@ -221,14 +222,18 @@ def _outcome_fields(where: str, table: dict[str, Any]) -> dict[str, Any]:
     outcomes = tuple(_typed(where, "outcome.outcome", [outcome] if isinstance(outcome, str)
                             else outcome, list))
     direction = table.get("higher_is_better", {})
-    if isinstance(direction, bool):
-        direction = {name: direction for name in outcomes}
+    if isinstance(direction, bool):  # for the outcomes whose direction phenotyper cannot know
+        direction = {name: direction for name in outcomes if name not in HIGHER_IS_BETTER}
     direction = _typed(where, "outcome.higher_is_better", direction, dict)
     treatment = table.get("treatment")
     propensity = table.get("propensity")
     if propensity is not None and treatment is None:
         raise ExperimentError(f"{where} [outcome]: 'propensity' needs 'treatment' (the arm whose "
                               "probability it is).")
+    try:
+        OutcomeSpec(outcomes, treatment, propensity, direction)
+    except OutcomeError as error:
+        raise ExperimentError(f"{where} [outcome]: {error}") from None
     return {
         "outcomes": outcomes,
         "treatment": None if treatment is None else _typed(where, "outcome.treatment",
@@ -478,6 +483,11 @@ def _plain(value: Any) -> Any:
 def fit_and_evaluate(spec: ExperimentSpec, champion: Any = None) -> TrainingResult:
     """Split, tune every candidate, and judge them with the rules (and champion) on the test set."""
     cohort, source, recode = load_cohort(spec)
+    if outcome_spec(spec) is not None:  # a wrong column stops before any training
+        try:
+            read_outcomes(cohort, outcome_spec(spec))
+        except OutcomeError as error:
+            raise ExperimentError(f"[outcome] of {spec.source}: {error}") from None
     reading, labels = read_label_column(spec, cohort, recode)
     # rows with a label, the label in canonical words (`Mals`, ` intermediate `, recoded codes)
     labelled = cohort.loc[reading.labelled].reset_index(drop=True)

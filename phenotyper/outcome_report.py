@@ -22,6 +22,7 @@ from phenotyper.outcomes import (
     DRUGS,
     IPW,
     MAX_UNSUPPORTED_SHARE,
+    MIN_ARM_PATIENTS,
     NOBODY,
     PREDICTED_LABELS,
     PROPENSITY_FLOOR,
@@ -99,11 +100,19 @@ def outcome_markdown(meta: dict, names: Sequence[str], numbers: _Numbers) -> lis
     direction = ", ".join(f"`{o}` ({'higher' if up else 'lower'} is better)"
                           for o, up in outcome["higher_is_better"].items())
     lines += [f"Outcomes: {direction}."]
+    missing = {o: n for o, n in outcome["n_outcome_missing"].items() if n}
+    if missing:
+        lines += ["", "Outcome unknown (empty) for " + ", ".join(
+            f"{n:,} patients in `{o}`" for o, n in missing.items()) + ": they are left out of "
+            "that outcome's numbers, which assumes their outcomes are like those of similar "
+            "patients whose outcome is known."]
     method = outcome.get("method")
     if method is None:
         lines += ["", "No treatment column was given: only the prognostic section is "
                   "computed. Give `--treatment` (and `--propensity` for a trial) to judge who "
-                  "benefits.", ""]
+                  "benefits."
+                  + (" The cohort has a `treatment` column." if outcome.get("treatment_column_seen")
+                     else ""), ""]
     else:
         arms = ", ".join(f"{arm} {count:,}" for arm, count in outcome["arm_counts"].items())
         lines += [
@@ -112,16 +121,20 @@ def outcome_markdown(meta: dict, names: Sequence[str], numbers: _Numbers) -> lis
             f"{ARM_OF['immunoparalysis']}; unclassified or indeterminate: "
             f"{ARM_OF['unclassified']}), estimated by {METHOD_TEXT[method]}. Patients by arm "
             f"received: {arms}; {outcome['n_not_randomised']:,} without a treatment (not "
-            "randomised) are left out of treatment effects and policy values. Differences are "
+            "randomised) are left out of treatment effects and policy values, which therefore "
+            "describe the treated or randomised patients only. Differences are "
             "paired (the same resamples or the same patients' scores); `*` marks an interval "
             "that excludes 0. Effective sample size: (sum of weights)^2 / sum of squared "
             "weights of the patients whose arm matches the policy.",
         ]
         low, high = outcome["propensity_range"] or (math.nan, math.nan)
         if method == AIPW:
-            lines += ["", f"Overlap: estimated propensities of the arms received range "
-                      f"{low:.3f}-{high:.3f}; {outcome['propensity_clipped']:,} below "
-                      f"{PROPENSITY_FLOOR} were clipped to it. Without randomisation the "
+            lines += ["", f"Overlap: the estimated (cross-fitted) probability of the arm each "
+                      f"patient received ranges {low:.3f}-{high:.3f}; for "
+                      f"{outcome['propensity_clipped']:,} patients it was below "
+                      f"{PROPENSITY_FLOOR} and was clipped to it (so were other arms' "
+                      "probabilities below it, where a policy needs them). Without "
+                      "randomisation the "
                       "estimate also assumes that the covariates (the panel, sex and the "
                       "rule's answer) capture why clinicians chose each arm: no unmeasured "
                       "confounding."]
@@ -132,20 +145,28 @@ def outcome_markdown(meta: dict, names: Sequence[str], numbers: _Numbers) -> lis
             withheld = "; ".join(
                 f"`{item['phenotyper']}` {item['metric'].replace('_', ' ')}"
                 f"{'' if item['subgroup'] == 'all' else ' (' + item['subgroup'] + ')'}: "
-                f"{item['unsupported_share']:.0%} of its patients could not get the arm"
-                for item in outcome["not_supported"][:12])
+                f"{item['why']}" for item in outcome["not_supported"][:12])
             more = len(outcome["not_supported"]) - 12
-            lines += ["", f"**Not estimable from this design** (more than "
-                      f"{MAX_UNSUPPORTED_SHARE:.0%} of the patients concerned had an estimated "
-                      f"probability below {PROPENSITY_FLOOR} of the arm needed): {withheld}"
-                      f"{f'; and {more} more' if more > 0 else ''}. A trial that randomised only "
-                      "the rule's strata, each to its own drug, supports per-stratum effects, "
-                      "not a comparison of policies."]
+            lines += ["", f"**Withheld** (n/a below): {withheld}"
+                      f"{f'; and {more} more (benchmark.json, meta.outcome)' if more > 0 else ''}"
+                      f". An estimate is withheld when more than {MAX_UNSUPPORTED_SHARE:.0%} of "
+                      f"the patients it concerns had an estimated probability below "
+                      f"{PROPENSITY_FLOOR} of the arm it needs (no comparable patient got it: a "
+                      "trial that randomised each rule stratum to its own drug, for example, "
+                      "supports per-stratum effects, not a comparison of policies), or when an "
+                      f"arm compared has fewer than {MIN_ARM_PATIENTS} patients."]
+        for item in outcome.get("not_fitted", []):
+            lines += ["", f"Not fitted: `{item['phenotyper']}` {item['what']} for "
+                      f"`{item['outcome']}`: {item['why']}."]
         lines += [""]
+        treated = sum(outcome["arm_counts"].values())
+        everyone = treated + outcome["n_not_randomised"]
         for name in outcome["outcomes"]:
             header, rows = policy_table(names, numbers, name, reference)
             if rows:
-                lines += [f"### Policy value: `{name}`", "", *_table(header, rows)]
+                better = "higher" if outcome["higher_is_better"][name] else "lower"
+                lines += [f"### Policy value: `{name}` ({better} is better; the {treated:,} of "
+                          f"{everyone:,} patients with a treatment)", "", *_table(header, rows)]
     lines += _prognosis(outcome, names, numbers)
     if method is not None:
         lines += _effects(outcome, names, numbers)
@@ -153,11 +174,13 @@ def outcome_markdown(meta: dict, names: Sequence[str], numbers: _Numbers) -> lis
 
 
 def _prognosis(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[str]:
+    who = ("patients given no active drug (placebo or not randomised)"
+           if outcome.get("method") else "all patients (no treatment column was given, so "
+           "patients on a drug are in it too)")
     lines = ["### Prognosis by predicted phenotype", "",
-             "Outcome rate among patients given no active drug (placebo or not randomised), "
-             "and the odds ratio against `unclassified` adjusted for SOFA and age (logistic "
-             "regression, model-based 95% intervals): does the phenotype separate who does "
-             "badly?", ""]
+             f"Outcome rate among {who}, and the odds ratio against `unclassified` adjusted for "
+             "SOFA and age (logistic regression, model-based 95% intervals): does the "
+             "phenotype separate who does badly?", ""]
     rows = []
     for name in names:
         for outcome_name in outcome["outcomes"]:
@@ -178,17 +201,25 @@ def _prognosis(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[s
 def _effects(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[str]:
     lines = ["### Treatment effect within each predicted phenotype", "",
              "Risk difference of each drug against placebo among the patients the phenotyper "
-             "puts in each phenotype, in percentage points (`*`: interval excludes 0), and the "
+             "puts in each phenotype, in percentage points (`*`: interval excludes 0; in "
+             "brackets the patients on the drug vs on placebo), and the "
              "joint Wald test that each drug's effect (log odds) is the same in every predicted "
              f"phenotype (weighted by the inverse propensity, robust errors). See "
              f"`{FOREST_FILE}`.", ""]
     rows = []
+    counts = {(item["phenotyper"], item["metric"], item["subgroup"]): (item["drug"],
+                                                                      item["placebo"])
+              for item in outcome.get("arm_patients", [])}
     for name in names:
         for outcome_name in outcome["outcomes"]:
             for label in PREDICTED_LABELS:
-                cells = [_estimate(*numbers.get(
-                    (name, f"treatment_effect_{drug}_{outcome_name}", f"predicted={label}"),
-                    _MISSING), difference=True) for drug in DRUGS]
+                cells = []
+                for drug in DRUGS:
+                    key = (name, f"treatment_effect_{drug}_{outcome_name}", f"predicted={label}")
+                    cell = _estimate(*numbers.get(key, _MISSING), difference=True)
+                    if key in counts:
+                        cell += f" [{counts[key][0]:,} vs {counts[key][1]:,}]"
+                    cells.append(cell)
                 if any(cell != "n/a" for cell in cells):
                     rows.append([name, outcome_name, label, *cells])
             p = numbers.get((name, f"interaction_p_{outcome_name}", "all"))
@@ -206,7 +237,7 @@ def forest_figure(meta: dict, names: Sequence[str], numbers: _Numbers, suffix: s
         return None
     panels = []
     for outcome_name in outcome["outcomes"]:
-        rows = [(f"{name}: {label}, {drug}", numbers[key])
+        rows = [(name, f"{name}: {label}, {drug}", numbers[key])
                 for name in names for label in PREDICTED_LABELS for drug in DRUGS
                 if (key := (name, f"treatment_effect_{drug}_{outcome_name}",
                             f"predicted={label}")) in numbers]
@@ -219,16 +250,15 @@ def forest_figure(meta: dict, names: Sequence[str], numbers: _Numbers, suffix: s
     axes = figure.subplots(1, len(panels), squeeze=False).ravel()
     for ax, (outcome_name, rows) in zip(axes, panels, strict=True):
         y = np.arange(len(rows))[::-1]
-        value = np.array([r[1][0] for r in rows]) * 100
-        low = np.array([r[1][1] for r in rows]) * 100
-        high = np.array([r[1][2] for r in rows]) * 100
+        value = np.array([r[2][0] for r in rows]) * 100
+        low = np.array([r[2][1] for r in rows]) * 100
+        high = np.array([r[2][2] for r in rows]) * 100
         error = np.nan_to_num(np.clip([value - low, high - value], 0, None))
-        for i, (label, _) in enumerate(rows):
-            colour = f"C{list(names).index(label.split(':')[0]) % 10}"
-            ax.errorbar(value[i], y[i], xerr=error[:, i:i + 1], fmt="o", color=colour,
-                        markersize=4, capsize=2)
+        for i, (name, _, _) in enumerate(rows):
+            ax.errorbar(value[i], y[i], xerr=error[:, i:i + 1], fmt="o", markersize=4,
+                        capsize=2, color=f"C{list(names).index(name) % 10}")
         ax.axvline(0, color="grey", linestyle="--", linewidth=1)
-        ax.set_yticks(y, [label for label, _ in rows], fontsize="small")
+        ax.set_yticks(y, [label for _, label, _ in rows], fontsize="small")
         ax.set(title=outcome_name, xlabel="risk difference vs placebo (pp)")
         ax.grid(axis="x", alpha=0.3)
     figure.suptitle(f"Treatment effect within each predicted phenotype (95% CI){suffix}")

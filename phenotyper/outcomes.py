@@ -68,7 +68,8 @@ CONFIDENCE = 0.95
 _Z = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))
 SOFA_REFERENCE, AGE_REFERENCE_YEARS = 9.0, 70.0  # centring of the adjusted models
 _OUTCOME_WORDS = {"1": 1.0, "0": 0.0, "true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0,
-                  "1.0": 1.0, "0.0": 0.0}
+                  "y": 1.0, "n": 0.0, "1.0": 1.0, "0.0": 0.0}
+MIN_ARM_PATIENTS = 10  # a treatment effect needs this many patients on each arm compared
 
 
 class OutcomeError(ValueError):
@@ -90,6 +91,18 @@ class OutcomeSpec:
     treatment: str | None = TREATMENT
     propensity: str | None = None
     higher_is_better: Mapping[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, higher in self.higher_is_better.items():
+            if name not in self.outcomes:
+                near = difflib.get_close_matches(name, self.outcomes, n=1)
+                hint = f" Did you mean '{near[0]}'?" if near else ""
+                raise OutcomeError(f"a direction is given for '{name}', which is not one of the "
+                                   f"outcomes ({', '.join(self.outcomes)}).{hint}")
+            known = HIGHER_IS_BETTER.get(name)
+            if known is not None and known != bool(higher):
+                raise OutcomeError(f"'{name}': {'higher' if known else 'lower'} is better, as "
+                                   "phenotyper knows; do not set its direction")
 
     def better_high(self, outcome: str) -> bool:
         if outcome in self.higher_is_better:
@@ -129,9 +142,10 @@ def _column(frame: pd.DataFrame, name: str, what: str) -> pd.Series:
 
 def _bad_cells(column: str, values: pd.Series, bad: np.ndarray, accepted: str) -> OutcomeError:
     rows = np.flatnonzero(bad)
-    shown = ", ".join(f"row {r + 1}: {values.iloc[r]!r}" for r in rows[:5])
+    shown = ", ".join(f"row {r + 1}: '{'' if pd.isna(values.iloc[r]) else values.iloc[r]}'"
+                      for r in rows[:5])
     return OutcomeError(f"column '{column}' has {len(rows):,} values phenotyper cannot read "
-                        f"({shown}). Accepted: {accepted}; leave a cell empty if unknown.")
+                        f"({shown}). {accepted}.")
 
 
 def read_outcomes(frame: pd.DataFrame, spec: OutcomeSpec) -> OutcomeData:
@@ -150,7 +164,12 @@ def read_outcomes(frame: pd.DataFrame, spec: OutcomeSpec) -> OutcomeData:
             values = text.map(_OUTCOME_WORDS).astype(float).to_numpy()
             bad = (text.notna() & (text != "")).to_numpy(bool) & np.isnan(values)
         if bad.any():
-            raise _bad_cells(name, raw, bad, "0 or 1 (also true/false, yes/no)")
+            raise _bad_cells(name, raw, bad, "Accepted: 0 or 1 (also true/false, yes/no, y/n); "
+                             "leave a cell empty if the outcome is unknown")
+        if len(np.unique(values[np.isfinite(values)])) < 2:
+            raise OutcomeError(f"outcome column '{name}' holds one value only "
+                               f"({_plain_number(values)}): it cannot tell phenotypers apart; "
+                               "check that the right column is named")
         outcomes[name] = values
     arm = propensity = None
     if spec.treatment is not None:
@@ -159,16 +178,28 @@ def read_outcomes(frame: pd.DataFrame, spec: OutcomeSpec) -> OutcomeData:
         arm_name = words.map(ARM_WORDS)
         bad = (words.notna() & (words != "") & arm_name.isna()).to_numpy(bool)
         if bad.any():
-            raise _bad_cells(spec.treatment, raw, bad, ", ".join(ARMS))
+            raise _bad_cells(spec.treatment, raw, bad,
+                             f"Accepted arms: {', '.join(ARMS)} (also e.g. interferon-gamma, "
+                             "IFN-g, control); recode local codes with `values` in the mapping "
+                             f"file's [columns] {TREATMENT} entry. An empty cell means the "
+                             "patient was not randomised (and got no active drug)")
         arm = arm_name.map({a: i for i, a in enumerate(ARMS)}).fillna(-1).astype(int).to_numpy()
+        given = {ARMS[a] for a in np.unique(arm[arm >= 0])}
+        if PLACEBO not in given or given == {PLACEBO}:
+            raise OutcomeError(f"treatment column '{spec.treatment}' has "
+                               + (f"only {', '.join(sorted(given))}" if given else "no arm")
+                               + ": treatment effects and policy values compare a drug with "
+                               f"{PLACEBO}, so both must occur; leave out --treatment to judge "
+                               "prognosis only")
         if spec.propensity is not None:
             raw = _column(frame, spec.propensity, "propensity")
-            propensity = pd.to_numeric(raw, errors="coerce").astype(float).to_numpy()
+            propensity = _probabilities(raw)
             bad = (arm >= 0) & ~((propensity > 0) & (propensity <= 1))
             if bad.any():
                 raise _bad_cells(spec.propensity, raw, bad,
-                                 "the probability (above 0, at most 1) of the arm received, on "
-                                 "every row with a treatment")
+                                 "Every patient with a treatment needs the probability (above 0, "
+                                 "at most 1) of the arm received; patients without a treatment "
+                                 "may leave it empty")
     potential = {}
     for name in spec.outcomes:
         columns = [potential_outcome_column(name, a) for a in ARMS]
@@ -180,6 +211,20 @@ def read_outcomes(frame: pd.DataFrame, spec: OutcomeSpec) -> OutcomeData:
         if not np.isin(true_labels, PHENOTYPES).all():
             true_labels = None
     return OutcomeData(outcomes, arm, propensity, potential, true_labels)
+
+
+def _plain_number(values: np.ndarray) -> str:
+    finite = values[np.isfinite(values)]
+    return f"{finite[0]:g}" if len(finite) else "none at all"
+
+
+def _probabilities(raw: pd.Series) -> np.ndarray:
+    """Numbers from a probability column; a decimal comma is read as a point (a probability
+    has no thousands)."""
+    if pd.api.types.is_numeric_dtype(raw):
+        return pd.to_numeric(raw, errors="coerce").astype(float).to_numpy()
+    text = raw.astype("string").str.strip().str.replace(r"^(\d*),(\d+)$", r"\1.\2", regex=True)
+    return pd.to_numeric(text, errors="coerce").astype(float).to_numpy()
 
 
 def policy_arms(labels: np.ndarray) -> np.ndarray:
@@ -195,7 +240,8 @@ def policy_arms(labels: np.ndarray) -> np.ndarray:
 class Nuisance:
     """Cross-fitted propensity and outcome predictions, (rows, arms); rows without an arm NaN.
 
-    `support` is the propensity before clipping: what the positivity check reads.
+    `support` is the propensity before clipping: what the positivity check reads;
+    `n_clipped` counts the patients whose arm received was clipped.
     """
 
     propensity: np.ndarray
@@ -210,12 +256,17 @@ def covariates(frame: pd.DataFrame) -> np.ndarray:
     linear model cannot draw)."""
     features = [c for c in (*NUMERIC_MARKERS, "sex") if c in frame and frame[c].notna().any()]
     panel = PanelFeatures(features).fit(frame).transform(frame)
-    rule = immunosep_phenotype(
-        frame["ferritin_ng_ml"] if "ferritin_ng_ml" in frame else np.full(len(frame), np.nan),
-        frame["hla_dr_mab_per_cell"] if "hla_dr_mab_per_cell" in frame
-        else np.full(len(frame), np.nan))
-    indicators = rule[:, None] == np.array(PHENOTYPES, dtype=object)[None, :]
+    indicators = _rule_answers(frame)[:, None] == np.array(PHENOTYPES, dtype=object)[None, :]
     return np.column_stack([panel, indicators.astype(float)])
+
+
+def _rule_answers(frame: pd.DataFrame) -> np.ndarray:
+    """The ImmunoSep rule's answer per row (NaN markers where a column is absent)."""
+    def column(name: str) -> np.ndarray:
+        return (frame[name].to_numpy(dtype=float) if name in frame
+                else np.full(len(frame), np.nan))
+
+    return immunosep_phenotype(column("ferritin_ng_ml"), column("hla_dr_mab_per_cell"))
 
 
 def _model() -> Any:
@@ -260,25 +311,23 @@ def cross_fit(frame: pd.DataFrame, data: OutcomeData, groups: np.ndarray, seed: 
                 model = _model().fit(X[train], y[train])
                 outcome[name][predict_rows, a] = model.predict_proba(X[predict_rows])[:, 1]
     support = propensity.copy()
-    assigned = propensity[rows]
-    n_clipped = int((assigned < PROPENSITY_FLOOR).sum())
-    propensity[rows] = np.maximum(assigned, PROPENSITY_FLOOR)
+    n_clipped = int((propensity[rows, arm[rows]] < PROPENSITY_FLOOR).sum())
+    propensity[rows] = np.maximum(propensity[rows], PROPENSITY_FLOOR)
     return Nuisance(propensity, outcome, support, n_clipped)
 
 
-def fitted_support(frame: pd.DataFrame, data: OutcomeData) -> np.ndarray:
-    """P(arm | covariates) from one propensity fit on the treated rows, for the positivity
-    check of a trial whose recorded probability covers only the arm each patient received."""
-    X = covariates(frame)
-    rows = np.flatnonzero(data.arm >= 0)
+def stratum_support(frame: pd.DataFrame, data: OutcomeData) -> np.ndarray:
+    """P(arm | the rule's stratum) as observed among the treated, for the positivity check of a
+    trial: its recorded probability covers only the arm each patient received, and trials
+    randomise within strata such as ImmunoSep's (no model is fitted, so small trials are not
+    judged by a noisy one)."""
+    strata = _rule_answers(frame)
     support = np.full((len(frame), len(ARMS)), np.nan)
-    classes = np.unique(data.arm[rows])
-    if len(classes) == 1:
-        support[rows] = 0.0
-        support[rows, classes[0]] = 1.0
-        return support
-    model = _model().fit(X[rows], data.arm[rows])
-    support[rows] = _predict_arms(model, X[rows], model.classes_)
+    treated = data.arm >= 0
+    for stratum in np.unique(strata[treated]):
+        rows = treated & (strata == stratum)
+        shares = np.bincount(data.arm[rows], minlength=len(ARMS)) / rows.sum()
+        support[rows] = shares
     return support
 
 
@@ -317,14 +366,18 @@ class OutcomeScorer:
                  reference: str, groups: np.ndarray, seed: int = 0) -> None:
         self.spec = spec
         self.data = read_outcomes(frame, spec)
+        self.columns = set(frame.columns)
         self.groups = groups
         self.reference = reference
         self.method = self.data.method
         self.nuisance = (cross_fit(frame, self.data, groups, seed)
                          if self.method == AIPW else None)
         self.support = (None if self.method is None else self.nuisance.support
-                        if self.nuisance is not None else fitted_support(frame, self.data))
-        self.unsupported: dict[tuple[str, str, str], float] = {}
+                        if self.nuisance is not None else stratum_support(frame, self.data))
+        self.unsupported: dict[tuple[str, str, str], str] = {}  # what was withheld, and why
+        self.estimable: set[tuple[str, str, str, str]] = set()  # (name, outcome, drug, label)
+        self.arm_patients: dict[tuple[str, str, str], list[int]] = {}  # effect -> (drug, placebo)
+        self.not_fitted: list[dict[str, str]] = []  # regressions that could not be fitted
         self.sofa = (frame["sofa"].to_numpy(dtype=float) if "sofa" in frame
                      else np.full(len(frame), np.nan))
         self.age = (frame["age_years"].to_numpy(dtype=float) if "age_years" in frame
@@ -336,7 +389,6 @@ class OutcomeScorer:
         self._numerators = np.column_stack(self.plan.numerators)
         self._denominators = np.column_stack(self.plan.denominators)
         self.regression_rows = self._regressions()
-        self.meta = self._meta()
 
     # what each phenotyper would give
     def _policies(self) -> dict[str, np.ndarray]:
@@ -382,7 +434,8 @@ class OutcomeScorer:
         predicted = mu[rows, policy]
         residual = np.nan_to_num(y - mu[rows, safe_arm])
         hit = (received == policy)
-        weight = np.where(hit, 1.0 / self.nuisance.propensity[rows, policy], 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            weight = np.where(hit, 1.0 / self.nuisance.propensity[rows, policy], 0.0)
         return np.nan_to_num(predicted + np.nan_to_num(weight) * residual)
 
     def _unsupported_share(self, rows: np.ndarray, arm: np.ndarray) -> float:
@@ -397,7 +450,8 @@ class OutcomeScorer:
     def _supported(self, key: tuple[str, str, str], rows: np.ndarray, arm: np.ndarray) -> bool:
         share = self._unsupported_share(rows, arm)
         if share > MAX_UNSUPPORTED_SHARE:
-            self.unsupported[key] = share
+            self.unsupported[key] = (f"{share:.0%} of its patients had an estimated probability "
+                                     f"below {PROPENSITY_FLOOR} of the arm needed")
             return False
         return True
 
@@ -424,11 +478,19 @@ class OutcomeScorer:
                     for drug in DRUGS:
                         a = ARMS.index(drug)
                         key = (name, f"treatment_effect_{drug}_{outcome}", f"predicted={label}")
-                        if not ((data.arm == a) & mask).any():
+                        counts = [int(((data.arm == arm) & mask).sum()) for arm in (a, placebo)]
+                        if not counts[0]:
+                            continue
+                        self.arm_patients[key] = counts
+                        if min(counts) < MIN_ARM_PATIENTS:
+                            self.unsupported[key] = (f"{counts[0]} on {drug} and {counts[1]} on "
+                                                     f"placebo: fewer than {MIN_ARM_PATIENTS} "
+                                                     "on an arm")
                             continue
                         if not (self._supported(key, mask, np.full(n, a))
                                 and self._supported(key, mask, np.full(n, placebo))):
                             continue
+                        self.estimable.add((name, outcome, drug, label))
                         plan.add((*key, interval),
                                  [(1.0, self._arm_mean(outcome, a, mask)),
                                   (-1.0, self._arm_mean(outcome, placebo, mask))])
@@ -491,6 +553,12 @@ class OutcomeScorer:
                 low, high = self._influence_interval(c, value)
             else:
                 low, high = interval(None if samples is None else samples[:, c])
+            if metric.startswith("treatment_effect_") and not abs(value) <= 1:
+                # a risk difference beyond 100 points: the weights rest on too few patients
+                self.unsupported[(name, metric, group)] = (
+                    f"the estimate ({value:+.2f}) lies outside -1 to 1: too few comparable "
+                    "patients")
+                continue
             rows.append((name, metric, group, value, low, high))
         rows += self.regression_rows
         rows += self._truth_rows()
@@ -553,29 +621,39 @@ class OutcomeScorer:
         A drug given in one phenotype only (ImmunoSep's design) has no interaction to test."""
         rows = (self.data.arm >= 0) & np.isfinite(y) & np.isfinite(self.sofa) & np.isfinite(
             self.age)
-        if self.method == IPW:
-            weight = 1.0 / self.data.propensity
-        else:
-            weight = 1.0 / self.nuisance.propensity[np.arange(len(y)),
-                                                    np.maximum(self.data.arm, 0)]
+        with np.errstate(divide="ignore"):  # untreated rows may carry a propensity of 0
+            weight = (1.0 / self.data.propensity if self.method == IPW else
+                      1.0 / self.nuisance.propensity[np.arange(len(y)),
+                                                     np.maximum(self.data.arm, 0)])
         arm = self.data.arm[rows]
         design = _Design(labels[rows], self.sofa[rows], self.age[rows])
         for drug in DRUGS:
             design.add(f"arm={drug}", arm == ARMS.index(drug))
         interaction = [design.add(f"{drug}x{label}",
                                   (arm == ARMS.index(drug)) & (labels[rows] == label))
-                       for drug in DRUGS for label in design.levels]
+                       for drug in DRUGS for label in design.levels
+                       if (name, outcome, drug, label) in self.estimable
+                       and (name, outcome, drug, design.reference) in self.estimable]
         interaction = [index for index in interaction if index is not None]
+        if not interaction:
+            self.not_fitted.append({"phenotyper": name, "outcome": outcome,
+                                    "what": "treatment x phenotype interaction",
+                                    "why": "no drug's effect is estimable both in a phenotype "
+                                           "and in the reference phenotype"})
+            return []
         fit = _logistic(y[rows], design.matrix(), weight[rows], robust=True)
-        if fit is None or not interaction:
+        if fit is None:
+            self.not_fitted.append({"phenotyper": name, "outcome": outcome,
+                                    "what": "treatment x phenotype interaction",
+                                    "why": "the regression has no finite answer (separation "
+                                           "or too few events in a cell)"})
             return []
         intervals = fit.conf_int(alpha=1 - CONFIDENCE)
         out = []
         for index in interaction:
             drug, label = design.names[index].split("x", 1)
             out.append((name, f"interaction_odds_ratio_{drug}_{outcome}", f"predicted={label}",
-                        float(np.exp(fit.params[index])), float(np.exp(intervals[index][0])),
-                        float(np.exp(intervals[index][1]))))
+                        *_odds_ratio(fit.params[index], intervals[index])))
         restriction = np.zeros((len(interaction), len(fit.params)))
         restriction[np.arange(len(interaction)), interaction] = 1.0
         with warnings.catch_warnings():
@@ -584,7 +662,10 @@ class OutcomeScorer:
         out.append((name, f"interaction_p_{outcome}", "all", float(test.pvalue), np.nan, np.nan))
         return out
 
-    def _meta(self) -> dict[str, Any]:
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What was estimated how, on whom, and what was withheld and why (read after
+        `records`, which may withhold more)."""
         data = self.data
         meta: dict[str, Any] = {
             "outcomes": list(data.outcomes),
@@ -593,8 +674,13 @@ class OutcomeScorer:
             "method": self.method,
             "n_outcome_missing": {o: int(np.isnan(y).sum()) for o, y in data.outcomes.items()},
             "simulated_truth": sorted(data.potential),
+            "treatment_column_seen": self.spec.treatment is None and TREATMENT in self.columns,
             "not_supported": [{"phenotyper": k[0], "metric": k[1], "subgroup": k[2],
-                               "unsupported_share": v} for k, v in self.unsupported.items()],
+                               "why": v} for k, v in self.unsupported.items()],
+            "not_fitted": self.not_fitted,
+            "arm_patients": [{"phenotyper": k[0], "metric": k[1], "subgroup": k[2],
+                              "drug": v[0], "placebo": v[1]}
+                             for k, v in self.arm_patients.items()],
         }
         if data.arm is not None:
             meta["n_not_randomised"] = int((data.arm < 0).sum())
@@ -604,7 +690,7 @@ class OutcomeScorer:
                 e = data.propensity[received]
                 meta["propensity_range"] = [float(e.min()), float(e.max())] if len(e) else []
             else:
-                e = self.nuisance.propensity[received]
+                e = self.nuisance.support[np.flatnonzero(received), data.arm[received]]
                 meta["propensity_range"] = [float(np.nanmin(e)), float(np.nanmax(e))]
                 meta["propensity_clipped"] = self.nuisance.n_clipped
                 meta["propensity_floor"] = PROPENSITY_FLOOR
@@ -663,6 +749,12 @@ class _Design:
         return np.column_stack([*self.columns, *self._tail])
 
 
+def _odds_ratio(log_odds: float, interval: np.ndarray) -> tuple[float, float, float]:
+    """exp of a log odds ratio and its interval (an interval end past exp's range is inf)."""
+    with np.errstate(over="ignore"):
+        return float(np.exp(log_odds)), float(np.exp(interval[0])), float(np.exp(interval[1]))
+
+
 def _adjusted_odds_ratios(name: str, outcome: str, y: np.ndarray, labels: np.ndarray,
                           sofa: np.ndarray, age: np.ndarray, rows: np.ndarray) -> list[tuple]:
     """Odds of the outcome in each predicted phenotype against the reference phenotype
@@ -677,5 +769,5 @@ def _adjusted_odds_ratios(name: str, outcome: str, y: np.ndarray, labels: np.nda
         return []
     intervals = fit.conf_int(alpha=1 - CONFIDENCE)
     return [(name, f"adjusted_odds_ratio_{outcome}", f"predicted={label}",
-             float(np.exp(fit.params[1 + i])), float(np.exp(intervals[1 + i][0])),
-             float(np.exp(intervals[1 + i][1]))) for i, label in enumerate(design.levels)]
+             *_odds_ratio(fit.params[1 + i], intervals[1 + i]))
+            for i, label in enumerate(design.levels)]

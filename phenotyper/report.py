@@ -842,11 +842,20 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
                        f"PPV {selected}", f"PPV {reference}"], rows)]
     outcome = result.benchmark.meta.get("outcome")
     if outcome and outcome.get("method"):
+        assumption = (" Not randomised: the estimate also assumes that the panel, sex and "
+                      "the rule's answer capture why clinicians chose each arm (no unmeasured "
+                      "confounding)." if outcome["method"] == "aipw" else "")
+        directions = ", ".join(f"`{o}` {'higher' if up else 'lower'} is better"
+                               for o, up in outcome["higher_is_better"].items())
         lines += ["", "## Outcomes on the test patients", "",
                   "Policy value: the expected outcome had the test patients been treated as "
                   "each phenotyper says (MALS: anakinra; immunoparalysis: interferon-gamma; "
-                  f"otherwise placebo), by {outcome['method'].upper()}; see the run's "
-                  "benchmark report for prognosis and treatment effects by phenotype.", ""]
+                  f"otherwise placebo), by {outcome['method'].upper()}, among the "
+                  f"{sum(outcome['arm_counts'].values()):,} patients with a treatment "
+                  f"({directions}).{assumption} n/a: withheld, with the reason in the run's "
+                  "benchmark report, which also has prognosis and treatment effects by "
+                  "phenotype. The promotion gate judged the label, not these outcomes: they "
+                  "did not decide the promotion.", ""]
         names = [*compared] + (["champion"] if ("champion", "n", "all") in numbers else [])
         for outcome_name in outcome["outcomes"]:
             head, rows = policy_table(names, numbers, outcome_name, reference)

@@ -227,3 +227,48 @@ def test_a_missing_column_or_direction_is_a_clear_error() -> None:
         read_outcomes(cohort, OutcomeSpec(("sofa_responce",)))
     with pytest.raises(OutcomeError, match="higher value is better"):
         read_outcomes(cohort.assign(icu_days=1), OutcomeSpec(("icu_days",)))
+
+
+def test_what_a_design_cannot_support_is_withheld_with_the_reason() -> None:
+    """Small cells and unsupported arms get no number, and the report says why."""
+    cohort = simulate("all-comers-trial", 600, seed=15)
+    result = benchmark({"immunosep": ImmunoSepRule().fit(cohort)}, cohort, n_boot=30,
+                       noise_repeats=0, outcomes=TRIAL_SPEC)
+    withheld = result.meta["outcome"]["not_supported"]
+    assert withheld and all(item["why"] for item in withheld)
+    records = _records(result)
+    for item in withheld:
+        assert (item["phenotyper"], item["metric"], item["subgroup"]) not in records.index
+    # a randomised trial's policies are supported even when small: judged by the design's
+    # strata, not by a fitted model
+    assert ("immunosep", f"policy_value_{SOFA_RESPONSE}", "all") in records.index
+    assert (BEST_ARM, f"policy_value_{SOFA_RESPONSE}", "all") in records.index
+    effects = records[records.index.get_level_values("metric").str.startswith(
+        "treatment_effect_")]
+    assert effects["value"].abs().le(1).all()
+
+
+@pytest.mark.parametrize(("arms", "message"), [
+    ({ANAKINRA}, "only anakinra"), ({PLACEBO}, "only placebo"), (set(), "no arm")])
+def test_a_treatment_column_without_placebo_and_a_drug_is_a_clear_error(arms, message) -> None:
+    cohort = simulate("all-comers-trial", 60, seed=16)
+    keep = cohort[TREATMENT].isin(arms)
+    cohort.loc[~keep, TREATMENT] = None
+    with pytest.raises(OutcomeError, match=message):
+        read_outcomes(cohort, TRIAL_SPEC)
+
+
+def test_directions_must_name_an_outcome_and_agree_with_what_phenotyper_knows() -> None:
+    with pytest.raises(OutcomeError, match="Did you mean 'icu_free'"):
+        OutcomeSpec(("icu_free",), higher_is_better={"icu_fre": True})
+    with pytest.raises(OutcomeError, match="lower is better, as phenotyper knows"):
+        OutcomeSpec((DEATH_28D,), higher_is_better={DEATH_28D: True})
+
+
+def test_a_constant_outcome_and_a_decimal_comma_propensity() -> None:
+    cohort = simulate("all-comers-trial", 60, seed=17)
+    with pytest.raises(OutcomeError, match="one value only"):
+        read_outcomes(cohort.assign(sofa_response=0), TRIAL_SPEC)
+    comma = cohort.assign(treatment_probability=cohort[TREATMENT_PROBABILITY].map(
+        lambda p: f"{p:.4f}".replace(".", ",")))
+    assert np.allclose(read_outcomes(comma, TRIAL_SPEC).propensity, 1 / 3, atol=1e-4)

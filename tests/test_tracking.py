@@ -187,6 +187,15 @@ def test_train_command_runs_an_experiment_file_and_benchmark_judges_the_champion
     assert result.exit_code == 0, result.output
     names = {r["phenotyper"] for r in json.loads((out / "benchmark.json").read_text())["records"]}
     assert "models:/pheno@champion" in names
+    # judged by outcomes too: a model named by its URI in the policy table and forest plot
+    trial = write_table(simulate("all-comers-trial", 1500, seed=8), tmp_path / "trial.parquet")
+    result = runner.invoke(app, ["benchmark", "--cohort", str(trial), "--output",
+                                 str(tmp_path / "by_outcome"), "--bootstrap", "30",
+                                 "--noise-repeats", "0", "--outcome", "sofa_response",
+                                 "--treatment", "treatment", "--model", "models:/pheno@champion"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "by_outcome" / "treatment_effects.png").is_file()
+    assert "models:/pheno@champion" in (tmp_path / "by_outcome" / "benchmark.md").read_text()
 
     patient = simulate("provide", 400, seed=8)["patient_id"].iloc[3]
     picture = tmp_path / "why.png"
