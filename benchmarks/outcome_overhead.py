@@ -13,9 +13,10 @@ of `--rounds` rounds (the order flips every round) and the overhead is the media
 - `confounded-treatment`: no propensity -> cross-fitted AIPW (reported separately).
 
 Where the time goes: the outcome section's parts are timed on their own in each round (reading
-the columns, the nuisance fit, the whole `OutcomeScorer` construction, its regressions, the
-bootstrap products `values(weights)`, and `records`); bootstrap weights are drawn by the
-benchmark for the label section anyway, so they are timed apart and not charged to outcomes.
+the columns, the AIPW nuisance fit or the trial's positivity shares, the whole `OutcomeScorer`
+construction, its regressions, the bootstrap products `values(weights)`, and `records`);
+bootstrap weights are drawn by the benchmark for the label section anyway, so they are timed
+apart and not charged to outcomes.
 Above the target (or with `--profile`) the with-outcomes benchmark is run under cProfile and
 the top functions are printed and stored. Writes benchmarks/results/outcome_overhead.json and
 prints a Markdown table.
@@ -34,7 +35,7 @@ import time
 from typing import Any
 
 import numpy as np
-from results_file import write_results  # benchmarks/ is on sys.path when run
+from results_file import code_version, write_results  # benchmarks/ is on sys.path when run
 
 from phenotyper.contract import DEATH_28D, SOFA_RESPONSE, TREATMENT_PROBABILITY, TRUE_PHENOTYPE
 from phenotyper.evaluate import (
@@ -50,8 +51,8 @@ from phenotyper.outcomes import (
     OutcomeScorer,
     OutcomeSpec,
     cross_fit,
-    fitted_support,
     read_outcomes,
+    stratum_support,
 )
 from phenotyper.panel import PANEL, PATIENT_ID
 from phenotyper.rules import reference_rules
@@ -94,7 +95,7 @@ def parts(cohort: Any, judged: dict[str, Any], spec: OutcomeSpec, n_boot: int
     if data.method == AIPW:
         out["nuisance_cross_fit"], _ = timed(lambda: cross_fit(cohort, data, groups, 0))
     else:
-        out["nuisance_fitted_support"], _ = timed(lambda: fitted_support(cohort, data))
+        out["positivity_stratum_support"], _ = timed(lambda: stratum_support(cohort, data))
     out["scorer_construction"], scorer = timed(
         lambda: OutcomeScorer(cohort, spec, labels, REFERENCE, groups, 0))
     out["of_which_regressions"], _ = timed(scorer._regressions)
@@ -199,7 +200,7 @@ def main() -> None:
     args = parser.parse_args()
 
     studies = [study(preset, args) for preset in args.presets]
-    path = write_results("outcome_overhead", {"studies": studies})
+    path = write_results("outcome_overhead", {"code": code_version(), "studies": studies})
 
     print(f"\nn = {args.n:,}, {args.resamples} resamples, noise_repeats = {args.noise_repeats}, "
           f"{len(studies[0]['phenotypers'])} phenotypers, median of {args.rounds} rounds; "

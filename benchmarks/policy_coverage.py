@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import numpy as np
-from results_file import write_results  # benchmarks/ is on sys.path when run
+from results_file import code_version, write_results  # benchmarks/ is on sys.path when run
 
 from phenotyper.contract import (
     ARMS,
@@ -211,6 +211,7 @@ def main() -> None:
     start = time.perf_counter()
     studies = [study(preset, args) for preset in args.presets]
     results = {
+        "code": code_version(),
         "draws": args.draws, "n": args.n, "resamples": args.resamples,
         "cohort_seeds": [COHORT_SEED, COHORT_SEED + args.draws - 1],
         "target_coverage": list(TARGET_COVERAGE), "max_abs_bias": MAX_ABS_BIAS,
