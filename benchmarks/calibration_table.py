@@ -1,7 +1,11 @@
-"""The presets' calibration: target vs simulated rule shares and mortality at n = 20000.
+"""The presets' calibration: each target a preset claims beside its simulated value, n = 20000.
 
-Writes benchmarks/results/calibration_table.json and prints a Markdown table. Each preset is
-simulated with seeds 0..S-1; the table gives the mean over seeds and the largest deviation.
+Rule shares and mortality by the rule's answer (in a trial, expected mortality on standard
+care) and, in a trial, SOFA response and death by arm: `simulate.calibration_checks`, the
+quantities `phenotyper simulate` prints. Targets a preset disowns (`{}`, e.g. a sensitivity
+preset's) are left out. Writes benchmarks/results/calibration_table.json and prints a Markdown
+table. Each preset is simulated with seeds 0..S-1; the table gives the mean over seeds and the
+largest deviation.
 
     .venv/bin/python benchmarks/calibration_table.py [--seeds 20] [--n 20000]
 """
@@ -13,7 +17,7 @@ import argparse
 import numpy as np
 from results_file import write_results  # benchmarks/ is on sys.path when run
 
-from phenotyper.simulate import available_presets, load_preset, mortality_by_rule, rule_shares
+from phenotyper.simulate import available_presets, calibration_checks, load_preset
 from phenotyper.simulate import simulate as simulate_cohort
 
 
@@ -25,19 +29,19 @@ def main() -> None:
 
     records = []
     for name in available_presets():
-        targets = load_preset(name)["targets"]
-        runs = [simulate_cohort(name, args.n, seed) for seed in range(args.seeds)]
-        for quantity, measure in (("rule_share", rule_shares), ("mortality_by_rule",
-                                                                mortality_by_rule)):
-            observed = [measure(run) for run in runs]
-            for phenotype, target in targets[quantity].items():
-                values = np.array([o[phenotype] for o in observed])
-                records.append({
-                    "preset": name, "quantity": quantity, "phenotype": phenotype,
-                    "target_pct": round(100 * target, 1),
-                    "simulated_mean_pct": round(100 * values.mean(), 2),
-                    "max_abs_deviation_pp": round(100 * np.abs(values - target).max(), 2),
-                })
+        preset = load_preset(name)
+        runs = [calibration_checks(preset, simulate_cohort(preset, args.n, seed))
+                for seed in range(args.seeds)]
+        for position, check in enumerate(runs[0]):
+            if check.target is None:
+                continue
+            values = np.array([run[position].simulated for run in runs])
+            records.append({
+                "preset": name, "quantity": check.quantity, "phenotype": check.group,
+                "target_pct": round(100 * check.target, 1),
+                "simulated_mean_pct": round(100 * values.mean(), 2),
+                "max_abs_deviation_pp": round(100 * np.abs(values - check.target).max(), 2),
+            })
     write_results("calibration_table", {"n": args.n, "seeds": args.seeds, "rows": records})
     print(f"n = {args.n}, seeds 0..{args.seeds - 1}\n")
     print("| preset | quantity | phenotype | target % | simulated mean % | max abs dev (pp) |")

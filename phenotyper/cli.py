@@ -443,21 +443,45 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
         console.print(Text(labels["summary"], style="yellow"))
 
 
+CALIBRATION_TABLES = {
+    "rule_share": ("ImmunoSep rule on the measured markers", "share of patients"),
+    "mortality_by_rule": ("28-day mortality by the rule's answer", "28-day mortality"),
+    "response_by_arm": ("SOFA response by arm received", "SOFA response"),
+    "death_by_arm": ("28-day death by arm received", "28-day death"),
+}
+
+
 def _print_calibration(preset: simulator.Preset, frame) -> None:
-    """The rule's shares and mortality in the simulated cohort beside the preset's targets."""
-    shares, mortality = simulator.rule_shares(frame), simulator.mortality_by_rule(frame)
-    targets = preset["targets"]
-    table = Table(title=f"Preset {preset.name}: ImmunoSep rule on the measured markers")
-    for name in ("rule phenotype", "share", "target", "28-day mortality", "target"):
-        table.add_column(name, justify="left" if name == "rule phenotype" else "right")
+    """Each quantity the preset's targets describe, simulated beside its target.
 
-    def pct(value: float | None) -> str:
-        return "" if value is None else f"{100 * value:.1f}%"
-
-    for label, share in shares.items():
-        table.add_row(label, pct(share), pct(targets["rule_share"].get(label)),
-                      pct(mortality.get(label)), pct(targets["mortality_by_rule"].get(label)))
-    Console().print(table)
+    A table without any target that applies says why (the preset's note on that target), so a
+    sensitivity or hypothetical preset is never compared with numbers it does not claim.
+    """
+    console = Console()
+    checks = simulator.calibration_checks(preset, frame)
+    trial = bool(preset["trial"])
+    console.print(Text(f"Preset {preset.name}: {preset.description}", style="bold"))
+    for quantity, (title, column) in CALIBRATION_TABLES.items():
+        rows = [c for c in checks if c.quantity == quantity]
+        if not rows:
+            continue
+        if quantity == "mortality_by_rule" and trial:
+            column = "expected 28-day mortality on standard care"
+        with_targets = any(c.target is not None for c in rows)
+        table = Table(title=title)
+        table.add_column("rule phenotype" if quantity.endswith("_rule") or quantity == "rule_share"
+                         else "arm")
+        for name in ("patients", column, *(["target"] if with_targets else [])):
+            table.add_column(name, justify="right")
+        for check in rows:
+            cells = [check.group, f"{check.patients:,}", f"{100 * check.simulated:.1f}%"]
+            if with_targets:
+                cells.append("" if check.target is None else f"{100 * check.target:.1f}%")
+            table.add_row(*cells)
+        console.print(table)
+        if not with_targets:
+            note = next(iter(preset.notes["targets"].get(quantity, {}).values()), "none given")
+            console.print(Text(f"No target for this table: {note}", style="dim"))
 
 
 def _print_report(report: QualityReport) -> None:

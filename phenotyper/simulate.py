@@ -419,9 +419,71 @@ def rule_shares(frame: pd.DataFrame) -> dict[str, float]:
     return {label: float(shares.get(label, 0.0)) for label in (*PHENOTYPES, INDETERMINATE)}
 
 
-def mortality_by_rule(frame: pd.DataFrame) -> dict[str, float]:
-    """28-day mortality within each rule phenotype."""
-    return {str(k): float(v) for k, v in frame.groupby(RULE_COLUMN)[DEATH_COLUMN].mean().items()}
+def mortality_by_rule(frame: pd.DataFrame, column: str = DEATH_COLUMN) -> dict[str, float]:
+    """28-day mortality within each rule phenotype.
+
+    In a trial cohort pass `potential_outcome_column(DEATH_28D, PLACEBO)`: the expected
+    mortality under standard care, which the screening targets describe (treated patients die
+    less often than the screening table's).
+    """
+    return {str(k): float(v) for k, v in frame.groupby(RULE_COLUMN)[column].mean().items()}
+
+
+TREATED = "treated"  # any drug: the arm ImmunoSep's published rates pool
+
+
+def arm_rates(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Patients, SOFA response and 28-day death by arm received, among patients with an arm.
+
+    The arms present, then `treated` (any drug), the pooled arm of ImmunoSep's primary result
+    and the key of a trial preset's `response_by_arm` / `death_by_arm` targets.
+    """
+    received = frame[TREATMENT].dropna()
+    groups = {arm: received.index[received == arm] for arm in ARMS if (received == arm).any()}
+    groups[TREATED] = received.index[received != PLACEBO]
+    return {
+        name: {"patients": float(len(rows)),
+               SOFA_RESPONSE: float(frame.loc[rows, SOFA_RESPONSE].mean()),
+               DEATH_28D: float(frame.loc[rows, DEATH_28D].mean())}
+        for name, rows in groups.items() if len(rows)
+    }
+
+
+@dataclass(frozen=True)
+class CalibrationCheck:
+    """One simulated quantity beside the preset's target for it (None: no target applies)."""
+
+    quantity: str  # a [targets] key: rule_share, mortality_by_rule, response_by_arm, ...
+    group: str  # a rule phenotype or an arm
+    simulated: float
+    target: float | None
+    patients: int
+
+
+def calibration_checks(preset: Preset, frame: pd.DataFrame) -> list[CalibrationCheck]:
+    """What a cohort drawn from `preset` shows of each quantity its targets describe.
+
+    The rule's shares and its mortality by phenotype; in a trial, mortality under standard care
+    (the expected placebo death, what the screening targets describe) and each arm's observed
+    SOFA response and death. A target a preset sets to `{}` does not apply to it (its note says
+    why), so those rows carry `target=None`.
+    """
+    targets = preset["targets"]
+    trial = bool(preset["trial"])
+    counts = frame[RULE_COLUMN].value_counts()
+    death = potential_outcome_column(DEATH_28D, PLACEBO) if trial else DEATH_COLUMN
+    checks = [CalibrationCheck("rule_share", label, share, targets["rule_share"].get(label),
+                               int(counts.get(label, 0)))
+              for label, share in rule_shares(frame).items()]
+    checks += [CalibrationCheck("mortality_by_rule", label, rate,
+                                targets["mortality_by_rule"].get(label), int(counts[label]))
+               for label, rate in mortality_by_rule(frame, death).items()]
+    if trial:
+        for quantity, outcome in (("response_by_arm", SOFA_RESPONSE), ("death_by_arm", DEATH_28D)):
+            checks += [CalibrationCheck(quantity, arm, rates[outcome],
+                                        targets.get(quantity, {}).get(arm), int(rates["patients"]))
+                       for arm, rates in arm_rates(frame).items()]
+    return checks
 
 
 def calibrate(

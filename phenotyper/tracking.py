@@ -214,7 +214,10 @@ def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: S
     columns = [*PANEL, *(f for f in features if f not in PANEL)]
     inputs = Schema([ColSpec(AnyType(), name, required=False)
                      for name in (PATIENT_ID, *columns)])
+    # The example's integer columns (SOFA, age) go in as doubles, as MLflow advises: the model
+    # takes either, and an integer example makes MLflow warn on every log.
     example = example_cohort[[PATIENT_ID, *(c for c in columns if c in example_cohort)]].head(3)
+    example = example.astype({c: "float64" for c in example.select_dtypes("integer").columns})
     output = PackagedPhenotyper(exported).predict(example)
     signature = ModelSignature(
         inputs=inputs, outputs=infer_signature(example, output).outputs,

@@ -150,3 +150,37 @@ def test_a_table_arrow_cannot_convert_is_a_cohort_error(tmp_path: Path) -> None:
     with pytest.raises(CohortError, match=r"Cannot write .*cohort\.parquet"):
         write_table(frame, tmp_path / "cohort.parquet")
     assert list(tmp_path.iterdir()) == []
+
+
+def _simulate_output(tmp_path: Path, preset: str) -> str:
+    result = runner.invoke(app, ["simulate", "--preset", preset, "--n", "3000", "--seed", "1",
+                                 "--output", str(tmp_path / "cohort.parquet")])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_a_trial_preset_prints_its_arms_beside_the_published_rates(tmp_path: Path) -> None:
+    """ImmunoSep's targets are arm rates, and the screening table's mortality is on standard
+    care: the printout compares like with like."""
+    output = _simulate_output(tmp_path, "immunosep-trial")
+    assert "SOFA response by arm received" in output and "28-day death by arm received" in output
+    assert "35.1%" in output and "17.9%" in output  # response, treated and placebo targets
+    assert "43.5%" in output and "49.7%" in output  # death targets
+    assert "expected 28-day mortality on standard care" in output
+    assert "No target for this table" not in output
+
+
+@pytest.mark.parametrize(("preset", "disowned"), [
+    ("all-comers-trial", "SOFA response by arm received"),
+    ("confounded-treatment", "28-day death by arm received"),
+    ("informative-missingness", "ImmunoSep rule on the measured markers"),
+])
+def test_a_preset_without_a_target_says_why_instead_of_showing_an_inherited_one(
+    tmp_path: Path, preset: str, disowned: str
+) -> None:
+    output = _simulate_output(tmp_path, preset)
+    after = output[output.index(disowned):]
+    table = after[:after.index("No target for this table")]
+    assert "target" not in table.split("\n", 2)[2]  # no target column in that table
+    assert "35.1%" not in output and "17.9%" not in output
+    assert "No target for this table" in after
