@@ -25,7 +25,8 @@ A mapping file (TOML) names the file's columns and units when they are not canon
     sex = { column = "Gender", values = { "1" = "M", "2" = "F" } }
     treatment = { column = "Arm", values = { "A" = "anakinra", "G" = "interferon_gamma",
                                              "P" = "placebo" } }
-    death_28d = "Died28"                      # also: treatment_probability, sofa_response
+    death_28d = { column = "Outcome", values = { "Died" = 1, "Alive" = 0 } }
+    sofa_response = "Responded"               # also: treatment_probability
     [labels]                                  # recode the reference-label column's values
     "1" = "MALS"
     "2" = "immunoparalysis"
@@ -39,7 +40,8 @@ sofa_response, death_28d) are not panel markers: the reader renames the file's c
 canonical name and passes it through unparsed (it is not in `CANONICAL_COLUMNS` or the quality
 report's column table), except that `treatment` codes in `values` become arms
 (`contract.ARMS`); a treatment cell that is neither such a code nor an arm's name is an
-`unknown_category` issue and is kept as it is.
+`unknown_category` issue and is kept as it is. An outcome's `values` recode the file's codes
+(compared stripped, in any case) to 0 or 1; other cells pass through for the outcome reader.
 
 `[labels]` maps label texts (compared stripped: exactly first, then in any case) to a
 phenotype, `intermediate` (= unclassified) or `indeterminate` (no label); the reader does not
@@ -92,6 +94,7 @@ CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 # Trial and outcome columns a mapping may name: renamed to these names, passed through unparsed
 # (treatment codes recoded to arms); not panel columns.
 TRIAL_COLUMNS: tuple[str, ...] = (TREATMENT, TREATMENT_PROBABILITY, SOFA_RESPONSE, DEATH_28D)
+OUTCOME_COLUMNS: tuple[str, ...] = (SOFA_RESPONSE, DEATH_28D)  # 0/1; a mapping may recode them
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ISSUE_COLUMNS = ("row", "column", "source_column", "value", "kind", "detail")
 
@@ -191,7 +194,8 @@ class ColumnSource:
     column: str
     unit: str = ""
     factor: float = 1.0
-    # codes (lower-case) -> "F"/"M" for sex, -> an arm of contract.ARMS for treatment
+    # codes (lower-case) -> "F"/"M" for sex, an arm of contract.ARMS for treatment, "0"/"1"
+    # for an outcome
     values: dict[str, str] = field(default_factory=dict)
 
 
@@ -348,6 +352,10 @@ def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> 
         canonical = trial_of[name]  # renamed; passed through unparsed but for treatment codes
         source = opened.trial_sources[canonical]
         extras[canonical] = frame[name]
+        if canonical in OUTCOME_COLUMNS and source.values:
+            text = _text(frame[name]).str.strip().str.lower().map(source.values)
+            extras[canonical] = frame[name].astype(object).where(
+                text.isna().to_numpy(bool), text.to_numpy(dtype=object))
         if canonical == TREATMENT:
             extras[canonical], parts = _read_treatment(frame[name], source)
             issue_parts.extend(
@@ -665,12 +673,14 @@ def _column_source(path: Path, key: str, entry: object) -> ColumnSource:
     entry = _table(path, where, entry)
     allowed = ("column", "unit") if key in NUMERIC_MARKERS else ("column",)
     _check_keys(path, where, entry,
-                (*allowed, "values") if key in ("sex", TREATMENT) else allowed)
+                (*allowed, "values") if key in ("sex", TREATMENT, *OUTCOME_COLUMNS) else allowed)
     column = entry.get("column", key)
     if not isinstance(column, str):
         raise CohortError(f"Mapping file {path}: {where} column must be a text, not {column!r}.")
     if key == TREATMENT:
         return ColumnSource(column, values=_arm_values(path, entry))
+    if key in OUTCOME_COLUMNS:
+        return ColumnSource(column, values=_outcome_values(path, key, entry))
     if key in TRIAL_COLUMNS:
         return ColumnSource(column)
     if key == "sex":
@@ -699,6 +709,17 @@ def _sex_values(path: Path, entry: dict) -> dict[str, str]:
         raise CohortError(f"Mapping file {path}: [columns] sex values must map codes to "
                           f"\"F\" or \"M\"; fix {bad}.")
     return {code.strip().lower(): label.strip().upper() for code, label in values.items()}
+
+
+def _outcome_values(path: Path, key: str, entry: dict) -> dict[str, str]:
+    """The `values` table of an outcome entry: file codes (lower-cased) to "0" or "1"."""
+    values = _table(path, f"[columns] {key} values", entry.get("values", {}))
+    bad = {code: value for code, value in values.items()
+           if isinstance(value, float) or value not in (0, 1)}  # True/False are 1/0
+    if bad:
+        raise CohortError(f"Mapping file {path}: [columns] {key} values must map codes to 1 "
+                          f"(the outcome happened) or 0; fix {bad}.")
+    return {code.strip().lower(): str(int(value)) for code, value in values.items()}
 
 
 def _arm_word(text: str) -> str | None:

@@ -875,6 +875,18 @@ def test_trial_and_outcome_columns_are_renamed_and_passed_through_not_parsed(tmp
         ("treatment", "unknown_category", 1)]
 
 
+def test_an_outcome_recode_turns_the_files_words_into_0_and_1(tmp_path):
+    """Hospitals export "Died"/"Alive"; the recode is applied, in any case, and anything else
+    passes through for the outcome reader to judge."""
+    path = write(tmp_path, "Ferritin,Outcome\n200, Died\n300,ALIVE\n400,\n500,lost\n")
+    mapping = write(tmp_path, '[columns]\nferritin_ng_ml = "Ferritin"\ndeath_28d = { column = '
+                    '"Outcome", values = { "died" = 1, "Alive" = false } }\n', "mapping.toml")
+    cohort = read_cohort(path, mapping)
+    assert cohort.data["death_28d"].tolist() == ["1", "0", "", "lost"]
+    blocks = open_cohort(path, mapping, block_rows=2).blocks()
+    assert [v for b in blocks for v in b.data["death_28d"].tolist()] == ["1", "0", "", "lost"]
+
+
 def test_a_trial_column_with_its_canonical_name_needs_no_mapping(tmp_path):
     path = write(tmp_path, "ferritin_ng_ml,treatment,death_28d\n300,Anakinra,1\n")
     cohort = read_cohort(path)
@@ -901,6 +913,10 @@ def test_a_trial_column_with_its_canonical_name_needs_no_mapping(tmp_path):
                                       r".*trial and outcome columns: treatment, "),
     ('[columns]\ndeath_28d = { column = "Died28", unit = "1" }\n', r"unknown key 'unit'"),
     ('[columns]\nsofa_response = { column = "Died28", values = { "1" = "0" } }\n',
+     r"sofa_response values must map codes to 1 \(the outcome happened\) or 0; fix \{'1': '0'\}"),
+    ('[columns]\ndeath_28d = { column = "Died28", values = { "Died" = 2 } }\n',
+     r"death_28d values must map codes to 1"),
+    ('[columns]\ntreatment_probability = { column = "Died28", values = { "1" = 1 } }\n',
      r"unknown key 'values'"),
     ('[columns]\nsofa_response = "Arm"\ntreatment_probability = "Arm"\n', r"used for both"),
     ('[columns]\ndeath_28d = "Arm"\n', r"also has a column named death_28d"),
