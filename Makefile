@@ -1,13 +1,41 @@
 # Two entry points: `make demo` and `make test`. Both build .venv from uv.lock first.
-PYTHON ?= python3
-VENV := .venv
+#
+# The interpreter: the newest Python >= 3.11 that actually runs, trying python3.13, python3.12,
+# then python3. Each name is executed, not just looked up: a pyenv shim for a version that is
+# installed but not selected exists and fails, so pyenv's own copies (`pyenv whence`, `pyenv
+# prefix`) are tried next. PYTHON=/path/to/python overrides.
+define FIND_PYTHON
+for name in python3.13 python3.12 python3; do \
+  for exe in "$$(command -v $$name 2>/dev/null)" $$(command -v pyenv >/dev/null 2>&1 && \
+      pyenv whence $$name 2>/dev/null | sort -rV | while read -r v; do \
+        echo "$$(pyenv prefix $$v)/bin/$$name"; done); do \
+    [ -n "$$exe" ] && "$$exe" -c 'import sys; assert sys.version_info >= (3, 11)' \
+      >/dev/null 2>&1 && { "$$exe" -c 'import sys; print(sys.executable)'; exit 0; }; \
+  done; \
+done
+endef
+PYTHON ?= $(shell $(FIND_PYTHON))
+PYTHON_VERSION := $(shell "$(PYTHON)" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)
+VENV ?= .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# The tests that talk to XGBoost, also run on the oldest supported Python (`test-oldest`),
+# whose lock resolves an older XGBoost than the newest Python's.
+XGBOOST_TESTS := tests/test_explain.py tests/test_packaged.py tests/test_serving.py \
+	tests/test_score.py
+OLDEST_PYTHON ?= 3.11
+OLDEST_VENV := .venv-py$(OLDEST_PYTHON)
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup interpreter browser demo test test-oldest lint bench clean
 
-setup: $(VENV)/.synced browser
+setup: interpreter $(VENV)/.synced-$(PYTHON_VERSION) browser
+
+interpreter:
+	@test -n "$(PYTHON_VERSION)" || { echo "No Python >= 3.11 runs here (tried python3.13, \
+	python3.12, python3, and pyenv's copies): install one, or give PYTHON=/path/to/python."; \
+	exit 1; }
+	@echo "Python $(PYTHON_VERSION): $(PYTHON) -> $(VENV)"
 
 # Headless Chromium renders the HTML reports in the tests (Debian's package).
 browser:
@@ -15,8 +43,13 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		{ echo "Install Chromium (Debian: apt-get install chromium) for the report tests."; exit 1; }
 
-$(VENV)/.synced: pyproject.toml uv.lock
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# One stamp per interpreter version: a .venv another Python built is rebuilt, not reused.
+$(VENV)/.synced-$(PYTHON_VERSION): pyproject.toml uv.lock
+	@built="$$($(BIN)/python -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)"; \
+	if [ -n "$$built" ] && [ "$$built" != "$(PYTHON_VERSION)" ]; then \
+		echo "Rebuilding $(VENV): it was built by Python $$built, not $(PYTHON_VERSION)."; \
+		rm -rf $(VENV); fi
+	test -x $(BIN)/python || "$(PYTHON)" -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 	$(BIN)/uv sync --locked --inexact --extra spark --quiet
 	touch $@
@@ -51,8 +84,16 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest
 
+# The XGBoost-facing tests on the oldest supported Python, in its own environment.
+test-oldest:
+	$(MAKE) --no-print-directory VENV=$(OLDEST_VENV) \
+		PYTHON="$$(PYENV_VERSION=$$(pyenv whence python$(OLDEST_PYTHON) 2>/dev/null | \
+			sort -rV | head -1) pyenv which python$(OLDEST_PYTHON) 2>/dev/null || \
+			command -v python$(OLDEST_PYTHON))" setup
+	$(OLDEST_VENV)/bin/python -m pytest $(XGBOOST_TESTS)
+
 clean:
-	rm -rf $(VENV) data/simulated reports .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) data/simulated reports .pytest_cache
 
 bench: setup
 	$(BIN)/python benchmarks/simulate_speed.py

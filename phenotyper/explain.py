@@ -11,10 +11,10 @@ handful of table reads per region, done for a block of rows at a time while the 
 sit in cache. The tables are plain float64 arrays built from the booster's own JSON in well
 under a second for a few hundred trees; their size is bounded (`max_table_bytes`) and reported.
 
-Models outside what the tables cover (categorical features, DART, linear boosters, several
-targets, tables over the memory bound) get XGBoost's own `pred_contribs`, with a warning that
-says why: slower, never wrong. Vector-leaf models, which XGBoost cannot explain either, get an
-error.
+DART's dropout weights scale each tree's leaves. Models outside what the tables cover
+(categorical features, linear boosters, several targets, tables over the memory bound) get
+XGBoost's own `pred_contribs`, with a warning that says why: slower, never wrong. Vector-leaf
+models, which XGBoost cannot explain either, get an error.
 """
 
 from __future__ import annotations
@@ -242,9 +242,18 @@ def _supported_trees(model: dict, feature_types: list[str] | None
                      ) -> tuple[list[dict], list[int]]:
     """The booster's trees and the output group of each, or UnsupportedBooster saying why."""
     booster = model["gradient_booster"]
-    if booster["name"] != "gbtree":
+    # Dropout (DART) weighs each tree's output: XGBoost < 3.3 stores it as booster 'dart'
+    # around a gbtree, 3.3 and later as a gbtree with `weight_drop`. SHAP is linear in the
+    # leaf values, so a weighted tree is explained as its leaves times the weight.
+    weights = booster.get("weight_drop")
+    if booster["name"] == "dart":
+        booster = booster["gbtree"]
+    elif booster["name"] != "gbtree":
         raise UnsupportedBooster(f"booster '{booster['name']}' is not gbtree")
     trees = booster["model"]["trees"]
+    weights = booster["model"].get("weight_drop", weights)
+    if weights is not None and any(weight != 1.0 for weight in weights):
+        trees = [_weighted(tree, weight) for tree, weight in zip(trees, weights, strict=True)]
     if any(int(tree["tree_param"].get("size_leaf_vector", 1)) > 1 for tree in trees):
         raise ValueError("the model has vector leaves (multi_strategy='multi_output_tree'); "
                          "neither these tables nor XGBoost's pred_contribs explain those")
@@ -253,6 +262,15 @@ def _supported_trees(model: dict, feature_types: list[str] | None
     if "c" in (feature_types or []) or any(any(tree["split_type"]) for tree in trees):
         raise UnsupportedBooster("it has categorical features")
     return trees, booster["model"]["tree_info"]
+
+
+def _weighted(tree: dict, weight: float) -> dict:
+    """The tree with its leaf values (kept in `split_conditions` at leaves) times `weight`,
+    rounded to float32 as XGBoost holds them."""
+    leaf = np.asarray(tree["left_children"]) == -1
+    conditions = np.asarray(tree["split_conditions"], dtype=np.float32)
+    conditions[leaf] *= np.float32(weight)
+    return {**tree, "split_conditions": conditions.tolist()}
 
 
 def _as_booster(model: Any) -> Any:

@@ -246,13 +246,38 @@ def _categorical_booster() -> tuple[xgboost.Booster, pd.DataFrame]:
     return booster, frame
 
 
+def test_trees_weighted_by_dropout_are_exact_in_the_tables() -> None:
+    """DART's dropout weighs each tree. XGBoost 3.2 stores it as booster 'dart', 3.3 and later
+    (which deprecate 'dart' and train it as a gbtree with dropout) as a gbtree with
+    `weight_drop`: CI runs this on both, and either way the tables explain it exactly."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # XGBoost >= 3.3 warns that booster='dart' is deprecated
+        model, X = _train({"booster": "dart", "max_depth": 3, "rate_drop": 0.3}, 12,
+                          features=4, classes=3)
+    weights = _tree_weights(model)
+    assert not np.allclose(weights, 1.0)  # dropout did weigh the trees: the case is real
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        explainer = tree_explainer(model)
+    assert isinstance(explainer, TreeShapTables)
+    reference = _xgboost(model, X)
+    np.testing.assert_allclose(explainer.shap_values(X), reference, rtol=0,
+                               atol=_tolerance(reference))
+
+
+def _tree_weights(booster: xgboost.Booster) -> np.ndarray:
+    gradient = json.loads(booster.save_raw("json"))["learner"]["gradient_booster"]
+    return np.asarray(gradient.get("weight_drop") or gradient["model"]["weight_drop"])
+
+
 def test_models_outside_the_tables_fall_back_to_xgboost_and_say_why() -> None:
-    dart, X = _train({"booster": "dart", "max_depth": 3, "rate_drop": 0.3}, 8, features=4,
-                     classes=3)
-    with pytest.warns(FallbackWarning, match="booster 'dart' is not gbtree"):
-        explainer = tree_explainer(dart)
+    linear, X = _train({"booster": "gblinear"}, 8, features=4, classes=3)
+    with pytest.warns(FallbackWarning, match="booster 'gblinear' is not gbtree"):
+        explainer = tree_explainer(linear)
     assert isinstance(explainer, XGBoostContributions)
-    np.testing.assert_array_equal(explainer.shap_values(X), _xgboost(dart, X))
+    np.testing.assert_array_equal(explainer.shap_values(X), _xgboost(linear, X))
 
     categorical, frame = _categorical_booster()
     with pytest.raises(UnsupportedBooster, match="categorical features"):
