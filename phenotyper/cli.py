@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -13,22 +13,18 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
 
-from phenotyper import outcome_report, report
-from phenotyper import simulate as simulator
-from phenotyper.cohort import (
-    BLOCK_ROWS,
-    CohortError,
-    QualityReport,
-    quality_report,
-    read_cohort,
-    write_table,
-)
-from phenotyper.evaluate import Benchmark, EvaluationError
-from phenotyper.evaluate import benchmark as run_benchmark
-from phenotyper.outcomes import OutcomeError, OutcomeSpec
-from phenotyper.rules import reference_rules
-from phenotyper.score import ScoreRequest, ScoringError, score_file
+from phenotyper.contract import BLOCK_ROWS
+from phenotyper.presets import available_presets
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from phenotyper.cohort import QualityReport
+    from phenotyper.evaluate import Benchmark
+    from phenotyper.simulate import Preset
+
+# Each command imports the layers it drives when it runs, not here: `phenotyper --help` and a
+# light command (`validate`) then load no numpy, scikit-learn, MLflow or XGBoost they do not use.
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
@@ -47,6 +43,8 @@ def validate(
         help="Write every row-level issue to this CSV file.")] = None,
 ) -> None:
     """Read a cohort file and print its data-quality report."""
+    from phenotyper.cohort import CohortError, quality_report, read_cohort
+
     try:
         cohort = read_cohort(path, mapping)
     except CohortError as error:
@@ -64,12 +62,15 @@ def validate(
 def simulate(
     output: Annotated[Path, typer.Option(help="Where to write the cohort: .parquet or .csv.")],
     preset: Annotated[str, typer.Option(
-        help=f"Simulator preset: {', '.join(simulator.available_presets())}.")
+        help=f"Simulator preset: {', '.join(available_presets())}.")
     ] = "immunosep-screening",
     n: Annotated[int, typer.Option(min=1, help="Number of patients.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same rows.")] = 0,
 ) -> None:
     """Write a synthetic cohort drawn from a calibrated preset (synthetic data, not evidence)."""
+    from phenotyper import simulate as simulator
+    from phenotyper.cohort import CohortError, write_table
+
     try:
         frame = simulator.simulate(preset, n, seed)
         write_table(frame, output)
@@ -125,6 +126,14 @@ def benchmark(
     if both:
         exit_with_error(f"{', '.join(sorted(both))}: give --higher-is-better or "
                         "--lower-is-better, not both.")
+    from phenotyper import report
+    from phenotyper.cohort import CohortError, read_cohort
+    from phenotyper.evaluate import EvaluationError
+    from phenotyper.evaluate import benchmark as run_benchmark
+    from phenotyper.outcomes import OutcomeError, OutcomeSpec
+    from phenotyper.rules import reference_rules
+    from phenotyper.simulate import is_synthetic
+
     directions = {**{name: True for name in higher_is_better or []},
                   **{name: False for name in lower_is_better or []}}
     try:
@@ -139,7 +148,7 @@ def benchmark(
         phenotypers.update(_load_models(model or []))
         result = run_benchmark(phenotypers, data, label, n_boot=bootstrap, seed=seed,
                                noise_repeats=noise_repeats,
-                               synthetic=simulator.is_synthetic(data), outcomes=spec,
+                               synthetic=is_synthetic(data), outcomes=spec,
                                label_recode=read.label_recode)
         written = report.write_benchmark(result, output, source=str(cohort))
     except (CohortError, EvaluationError) as error:
@@ -166,6 +175,9 @@ def train(
 ) -> None:
     """Train, benchmark against the rules, log to MLflow, register, and apply the gate."""
     from phenotyper import experiment as experiments
+    from phenotyper.cohort import CohortError
+    from phenotyper.evaluate import EvaluationError
+    from phenotyper.simulate import PresetError
 
     try:
         if experiment is not None:
@@ -177,8 +189,7 @@ def train(
         else:
             exit_with_error("Give an experiment file, or all of --cohort, --label and --name.")
         outcome = experiments.train(spec)
-    except (experiments.ExperimentError, CohortError, EvaluationError,
-            simulator.PresetError) as error:
+    except (experiments.ExperimentError, CohortError, EvaluationError, PresetError) as error:
         exit_with_error(str(error))
     shown = ["immunosep", *outcome.result.candidates, "two_marker", "champion"]
     _print_headline(outcome.result.benchmark, shown)
@@ -287,6 +298,8 @@ def score(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from phenotyper import tracking
+    from phenotyper.cohort import CohortError
+    from phenotyper.score import ScoreRequest, ScoringError, score_file
 
     tracking.configure()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours suffices
@@ -354,6 +367,7 @@ def explain_patient(
     from mlflow.exceptions import MlflowException
 
     from phenotyper import explain, tracking
+    from phenotyper.cohort import CohortError, read_cohort
     from phenotyper.files import write_bytes_atomic
 
     tracking.configure()
@@ -397,6 +411,8 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
     """The report's headline for the terminal: the policy table of each outcome, then the
     label metrics, a row per metric and a column per phenotyper (`only` those, when given: a
     terminal is narrower than the report)."""
+    from phenotyper import outcome_report, report
+
     records = result.records[result.records.subgroup == "all"]
     numbers = {(p, m, "all"): (v, lo, hi) for p, m, v, lo, hi in records[
         ["phenotyper", "metric", "value", "ci_low", "ci_high"]].itertuples(index=False)}
@@ -451,14 +467,16 @@ CALIBRATION_TABLES = {
 }
 
 
-def _print_calibration(preset: simulator.Preset, frame) -> None:
+def _print_calibration(preset: Preset, frame: pd.DataFrame) -> None:
     """Each quantity the preset's targets describe, simulated beside its target.
 
     A table without any target that applies says why (the preset's note on that target), so a
     sensitivity or hypothetical preset is never compared with numbers it does not claim.
     """
+    from phenotyper.simulate import calibration_checks
+
     console = Console()
-    checks = simulator.calibration_checks(preset, frame)
+    checks = calibration_checks(preset, frame)
     trial = bool(preset["trial"])
     console.print(Text(f"Preset {preset.name}: {preset.description}", style="bold"))
     for quantity, (title, column) in CALIBRATION_TABLES.items():

@@ -71,7 +71,11 @@ import pyarrow.parquet as pq
 from phenotyper.contract import (
     ARM_WORDS,
     ARMS,
+    BLOCK_ROWS,
     DEATH_28D,
+    FERRITIN_MALS_NG_ML,
+    HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+    OUTCOME_COLUMNS,
     SOFA_RESPONSE,
     TREATMENT,
     TREATMENT_PROBABILITY,
@@ -88,13 +92,11 @@ from phenotyper.panel import (
     Marker,
     normalise_unit,
 )
-from phenotyper.rules import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 # Trial and outcome columns a mapping may name: renamed to these names, passed through unparsed
 # (treatment codes recoded to arms); not panel columns.
 TRIAL_COLUMNS: tuple[str, ...] = (TREATMENT, TREATMENT_PROBABILITY, SOFA_RESPONSE, DEATH_28D)
-OUTCOME_COLUMNS: tuple[str, ...] = (SOFA_RESPONSE, DEATH_28D)  # 0/1; a mapping may recode them
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ISSUE_COLUMNS = ("row", "column", "source_column", "value", "kind", "detail")
 
@@ -213,7 +215,6 @@ class ColumnMapping:
 # --- reading --------------------------------------------------------------------------------
 
 
-BLOCK_ROWS = 50_000  # rows per block when streaming: memory stays flat whatever the file size
 
 
 @dataclass

@@ -1,12 +1,31 @@
-"""The words and column names every layer shares: labels, treatment arms, outcomes.
+"""The words, cut-offs and column names every layer shares: phenotypes, the ImmunoSep rule's
+thresholds, labels, treatment arms, outcomes.
 
 One fact, one place: the reader, the simulator, the evaluator, training and the reports all read
-these names from here, so a cohort written by one is understood by the others.
+these names from here, so a cohort written by one is understood by the others. Plain Python
+with no imports, so a command that needs only these (`phenotyper --help`, `validate`) loads
+none of numpy, pandas or scikit-learn through it.
 """
 
 from __future__ import annotations
 
-from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
+MALS = "MALS"
+IMMUNOPARALYSIS = "immunoparalysis"
+UNCLASSIFIED = "unclassified"
+INDETERMINATE = "indeterminate"  # the rule lacks a marker it needs: not the same as unclassified
+PHENOTYPES: tuple[str, ...] = (MALS, IMMUNOPARALYSIS, UNCLASSIFIED)
+
+# The ImmunoSep rule's cut-offs (REFERENCE.md): ferritin > 4420 ng/mL is MALS; otherwise HLA-DR
+# < 5000 antibodies per monocyte is immunoparalysis.
+FERRITIN_MALS_NG_ML = 4420.0
+HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL = 5000.0
+# HLA-DR of about 8000 separates moderate immunoparalysis (Joshi 2023) and is the ImmunoSep
+# reversal criterion (> 8000): the looser cut-off users compare against.
+HLA_DR_MODERATE_MAB_PER_CELL = 8000.0
+
+# Rows per block when a file is streamed (read, scored, written): memory stays flat whatever
+# the file's size.
+BLOCK_ROWS = 50_000
 
 # Reference labels, matched in any case and around spaces; PROVIDE calls the unclassified
 # patients "intermediate". An empty cell or `indeterminate` means "no label" (left out).

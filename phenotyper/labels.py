@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from phenotyper.contract import LABEL_WORDS, NO_LABEL_WORDS
-from phenotyper.rules import INDETERMINATE, PHENOTYPES
+from phenotyper.contract import INDETERMINATE, LABEL_WORDS, NO_LABEL_WORDS, PHENOTYPES
 
 # A label that agrees with the ImmunoSep rule on at least this share of the patients the rule
 # can type (and a label exists), over at least RULE_LABEL_MIN_PATIENTS of them, is taken to be

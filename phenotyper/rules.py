@@ -15,18 +15,16 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-MALS = "MALS"
-IMMUNOPARALYSIS = "immunoparalysis"
-UNCLASSIFIED = "unclassified"
-INDETERMINATE = "indeterminate"
-PHENOTYPES: tuple[str, ...] = (MALS, IMMUNOPARALYSIS, UNCLASSIFIED)
-
-FERRITIN_MALS_NG_ML = 4420.0
-HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL = 5000.0
-# HLA-DR of about 8000 separates moderate immunoparalysis (Joshi 2023) and is the ImmunoSep
-# reversal criterion (> 8000): the looser cut-off users compare against. The variant keeps the
-# rule's strict comparison (HLA-DR < 8000); exactly 8000 is a measure-zero case for real counts.
-HLA_DR_MODERATE_MAB_PER_CELL = 8000.0
+from phenotyper.contract import (
+    FERRITIN_MALS_NG_ML,
+    HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
+    HLA_DR_MODERATE_MAB_PER_CELL,
+    IMMUNOPARALYSIS,
+    INDETERMINATE,
+    MALS,
+    PHENOTYPES,
+    UNCLASSIFIED,
+)
 
 
 def immunosep_phenotype(

@@ -38,6 +38,7 @@ from phenotyper.contract import (
     potential_outcome_column,
 )
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
+from phenotyper.presets import available_presets
 from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, immunosep_phenotype
 
 FACTORS: tuple[str, ...] = ("inflammation", "immunosuppression", "organ_dysfunction")
@@ -73,16 +74,6 @@ class Preset:
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
-
-
-def available_presets() -> list[str]:
-    """Names of the shipped presets (files in phenotyper/presets not starting with '_')."""
-    folder = resources.files("phenotyper.presets")
-    return sorted(
-        entry.name.removesuffix(".toml")
-        for entry in folder.iterdir()
-        if entry.name.endswith(".toml") and not entry.name.startswith("_")
-    )
 
 
 def _read_toml(name: str) -> dict[str, Any]:
