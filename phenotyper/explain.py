@@ -114,14 +114,25 @@ class TreeShapTables:
                 "by XGBoost's own algorithm)")
         arrays = layout.arrays()
         values = np.zeros(layout.table_size)
-        _fill_tables(*layout.leaf_arrays(), arrays["region_bit_count"], arrays["region_width"],
-                     arrays["region_table_start"], values)
+        leaves = layout.leaf_arrays()
+        threads = threads or _cores()
+
+        def fill(span: tuple[int, int]) -> None:
+            _fill_tables(*leaves, arrays["region_bit_count"], arrays["region_width"],
+                         arrays["region_table_start"], values, span[0], span[1])
+
+        spans = _region_aligned_spans(leaves[0], threads)
+        if len(spans) == 1:
+            fill(spans[0])
+        else:
+            with ThreadPoolExecutor(len(spans)) as pool:
+                list(pool.map(fill, spans))  # the kernel releases the GIL
         nothing = xgboost.DMatrix(np.full((1, n_features), np.nan, dtype=np.float32),
                                   missing=np.nan, feature_names=booster.feature_names)
         bias = booster.predict(nothing, pred_contribs=True, strict_shape=True)[0, :, -1]
         tables = cls(n_features=n_features, bias=np.asarray(bias, dtype=np.float64),
                      tree_group=np.asarray(groups, dtype=np.int64), values=values,
-                     build_s=0.0, threads=threads or _cores(),
+                     build_s=0.0, threads=threads,
                      feature_names=tuple(booster.feature_names or ()) or None, **arrays)
         tables.shap_values(np.full((1, n_features), np.nan))  # compiles the kernel now
         object.__setattr__(tables, "build_s", time.perf_counter() - started)
@@ -389,12 +400,24 @@ def _leaf_paths(left: list, right: list, node: int, ancestors: list) -> list:
     return found
 
 
-@njit(cache=False)
+def _region_aligned_spans(leaf_region: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Up to `parts` ranges of leaves, of about equal size, that split only between regions:
+    the leaves of one region add into one table, so no two threads ever write the same cell.
+    Leaves are stored region by region (`_Layout.add_tree`), so `leaf_region` is sorted."""
+    n = len(leaf_region)
+    if parts <= 1 or n < 2 * 1024:
+        return [(0, n)]
+    cuts = np.searchsorted(leaf_region, leaf_region[np.linspace(0, n, parts + 1).astype(int)[1:-1]])
+    edges = np.unique(np.concatenate([[0], cuts, [n]]))
+    return list(itertools.pairwise(edges.tolist()))
+
+
+@njit(nogil=True, cache=False)
 def _fill_tables(leaf_region, leaf_value, leaf_path_start, leaf_path_count, path_bit,
                  path_left, path_slot, path_ratio, region_bit_count, region_width,
-                 region_table_start, values):  # pragma: no cover - compiled
-    """Add each leaf's Shapley contributions to its region's table, for every combination
-    of the region's split directions.
+                 region_table_start, values, lo, hi):  # pragma: no cover - compiled
+    """Add the Shapley contributions of leaves lo..hi to their regions' tables, for every
+    combination of each region's split directions.
 
     On a leaf's path with unique features U (m of them), feature j has zero fraction z_j (the
     product of its branches' cover shares) and one fraction o_j (1 if the row takes all of its
@@ -406,7 +429,7 @@ def _fill_tables(leaf_region, leaf_value, leaf_path_start, leaf_path_count, path
     unique = np.empty(64, np.int64)  # a path's features: the table bound keeps them < 30
     z = np.empty(64)
     e = np.empty(65)
-    for leaf in range(leaf_region.shape[0]):
+    for leaf in range(lo, hi):
         first, count = leaf_path_start[leaf], leaf_path_count[leaf]
         m = 0
         for p in range(first, first + count):

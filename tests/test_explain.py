@@ -309,6 +309,19 @@ def test_a_categorical_feature_no_tree_splits_on_still_falls_back() -> None:
     assert values.shape == (300, 1, 3) and np.all(values[:, 0, 1] == 0)
 
 
+def test_tables_filled_by_several_threads_equal_one_threads() -> None:
+    """The fill splits the leaves between threads only where a region ends, so every cell is
+    summed by one thread in the same order: the same tables to the bit."""
+    booster, X = _train({"max_depth": 5}, 60, features=8, classes=3)
+    one = TreeShapTables.from_booster(booster, threads=1)
+    two = TreeShapTables.from_booster(booster, threads=2)
+    trees = json.loads(booster.save_raw("json"))["learner"]["gradient_booster"]["model"]["trees"]
+    assert sum(tree["left_children"].count(-1) for tree in trees) > 2 * 1024  # split in two
+    np.testing.assert_array_equal(one.values, two.values)
+    np.testing.assert_allclose(two.shap_values(X), _xgboost(booster, X), rtol=0,
+                               atol=_tolerance(_xgboost(booster, X)))
+
+
 def test_reported_size_and_build_time() -> None:
     booster, _ = _train({"max_depth": 4}, 30, features=8, classes=3)
     explainer = TreeShapTables.from_booster(booster)
