@@ -459,11 +459,14 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
         console.print(Text(labels["summary"], style="yellow"))
 
 
+# quantity -> (title, what a row is, what the value is)
 CALIBRATION_TABLES = {
-    "rule_share": ("ImmunoSep rule on the measured markers", "share of patients"),
-    "mortality_by_rule": ("28-day mortality by the rule's answer", "28-day mortality"),
-    "response_by_arm": ("SOFA response by arm received", "SOFA response"),
-    "death_by_arm": ("28-day death by arm received", "28-day death"),
+    "rule_share": ("ImmunoSep rule on the measured markers", "rule phenotype",
+                   "share of patients"),
+    "mortality_by_rule": ("28-day mortality by the rule's answer", "rule phenotype",
+                          "28-day mortality"),
+    "response_by_arm": ("SOFA response by arm received", "arm", "SOFA response"),
+    "death_by_arm": ("28-day death by arm received", "arm", "28-day death"),
 }
 
 
@@ -479,7 +482,7 @@ def _print_calibration(preset: Preset, frame: pd.DataFrame) -> None:
     checks = calibration_checks(preset, frame)
     trial = bool(preset["trial"])
     console.print(Text(f"Preset {preset.name}: {preset.description}", style="bold"))
-    for quantity, (title, column) in CALIBRATION_TABLES.items():
+    for quantity, (title, group, column) in CALIBRATION_TABLES.items():
         rows = [c for c in checks if c.quantity == quantity]
         if not rows:
             continue
@@ -487,8 +490,7 @@ def _print_calibration(preset: Preset, frame: pd.DataFrame) -> None:
             column = "expected 28-day mortality on standard care"
         with_targets = any(c.target is not None for c in rows)
         table = Table(title=title)
-        table.add_column("rule phenotype" if quantity.endswith("_rule") or quantity == "rule_share"
-                         else "arm")
+        table.add_column(group)
         for name in ("patients", column, *(["target"] if with_targets else [])):
             table.add_column(name, justify="right")
         for check in rows:

@@ -215,8 +215,6 @@ class ColumnMapping:
 # --- reading --------------------------------------------------------------------------------
 
 
-
-
 @dataclass
 class _StreamState:
     """What one block must know about the blocks before it."""
@@ -354,7 +352,7 @@ def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> 
         source = opened.trial_sources[canonical]
         extras[canonical] = frame[name]
         if canonical in OUTCOME_COLUMNS and source.values:
-            text = _text(frame[name]).str.strip().str.lower().map(source.values)
+            text = _text(frame[name]).str.lower().map(source.values)  # _text strips
             extras[canonical] = frame[name].astype(object).where(
                 text.isna().to_numpy(bool), text.to_numpy(dtype=object))
         if canonical == TREATMENT:
