@@ -121,8 +121,10 @@ def _shapley_by_enumeration(tree: dict, x: np.ndarray) -> np.ndarray:
     outside the coalition is integrated out by the training cover) by enumerating every
     coalition: exponential, independent of the tables."""
     left, right = tree["left_children"], tree["right_children"]
-    feature, condition = tree["split_indices"], tree["split_conditions"]
-    default_left, cover = tree["default_left"], tree["sum_hessian"]
+    feature, default_left = tree["split_indices"], tree["default_left"]
+    # the float32 numbers the booster holds (its JSON prints each as a shortest decimal)
+    condition = np.asarray(tree["split_conditions"], dtype=np.float32).astype(np.float64)
+    cover = np.asarray(tree["sum_hessian"], dtype=np.float32).astype(np.float64)
 
     def expected(node: int, coalition: frozenset) -> float:
         if left[node] == -1:
