@@ -96,6 +96,7 @@ clean:
 	rm -rf $(VENV) $(OLDEST_VENV) data/simulated reports .pytest_cache
 
 bench: setup
+	$(BIN)/uv sync --locked --inexact --extra spark --group bench --quiet
 	$(BIN)/python benchmarks/simulate_speed.py
 	$(BIN)/python benchmarks/calibration_table.py
 	$(BIN)/python benchmarks/benchmark_speed.py
