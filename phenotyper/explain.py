@@ -654,12 +654,22 @@ def _explain_rows(X, lo, hi, tree_group, tree_region_start, node_feature, node_t
                   region_slot_start, region_width, region_slot_feature, region_table_start,
                   values, bias, out, block):  # pragma: no cover - compiled
     """SHAP of rows lo..hi into out, `block` rows at a time: trees outer, rows inner, so a
-    tree's tables stay in cache and the inner loops vectorise across rows."""
+    tree's tables stay in cache and the inner loops vectorise across rows.
+
+    A region's table index starts with its ancestors' direction bits, which the previous
+    region of the tree often shares (siblings have the same ancestors): `partial[b]` holds
+    the index from the first b bits, so only the bits after the shared ones are compared.
+    """
     n_features = X.shape[1]
     groups = out.shape[1]
+    most_bits = 0
+    for r in range(region_bit_count.shape[0]):
+        most_bits = max(most_bits, region_bit_count[r])
     columns = np.empty((n_features, block), np.float32)
     total = np.empty((groups, n_features, block))
-    index = np.empty(block, np.int64)
+    partial = np.zeros((most_bits + 1, block), np.int64)
+    offset = np.empty(block, np.int64)
+    read = np.empty(block)
     for start in range(lo, hi, block):
         rows = min(block, hi - start)
         for f in range(n_features):
@@ -668,25 +678,37 @@ def _explain_rows(X, lo, hi, tree_group, tree_region_start, node_feature, node_t
         total[:] = 0.0
         for t in range(tree_group.shape[0]):
             k = tree_group[t]
+            previous = -1
             for r in range(tree_region_start[t], tree_region_start[t + 1]):
-                index[:rows] = 0
-                first_bit = region_bit_start[r]
-                for b in range(region_bit_count[r]):
+                first_bit, count = region_bit_start[r], region_bit_count[r]
+                shared = 0
+                if previous >= 0:
+                    limit = min(count, region_bit_count[previous])
+                    while shared < limit and region_bit_node[first_bit + shared] == \
+                            region_bit_node[region_bit_start[previous] + shared]:
+                        shared += 1
+                previous = r
+                for b in range(shared, count):
                     q = region_bit_node[first_bit + b]
                     f = node_feature[q]
                     threshold = node_threshold[q]
                     default_left = node_default_left[q]
+                    before, after = partial[b], partial[b + 1]
                     for i in range(rows):
                         x = columns[f, i]
                         goes_left = (x < threshold) | (default_left & (x != x))
-                        index[i] |= np.int64(goes_left) << b
+                        after[i] = before[i] | (np.int64(goes_left) << b)
                 width = region_width[r]
-                table = region_table_start[r]
+                index = partial[count]
+                for i in range(rows):
+                    offset[i] = region_table_start[r] + index[i] * width
                 first_slot = region_slot_start[r]
                 for s in range(width):
-                    f = region_slot_feature[first_slot + s]
+                    for i in range(rows):  # the gather alone, so the sum below vectorises
+                        read[i] = values[offset[i] + s]
+                    into = total[k, region_slot_feature[first_slot + s]]
                     for i in range(rows):
-                        total[k, f, i] += values[table + index[i] * width + s]
+                        into[i] += read[i]
         for i in range(rows):
             for k in range(groups):
                 for f in range(n_features):
