@@ -100,55 +100,49 @@ class PackagedPhenotyper:
             self.booster.load_model(str(folder / self.spec["booster"]))
             self.booster.set_param({"nthread": threads})
             self.explainer = tree_explainer(self.booster, threads)  # compiled at load
+        # per-model constants, read once rather than on every request
+        self._reads = list(dict.fromkeys([PATIENT_ID, *self.features, *RULE_MARKERS]))
+        self._ranges = [tuple(self.spec["ranges"].get(name, [-np.inf, np.inf]))
+                        for name in self.features]
+        self._logged = [j for j, name in enumerate(self.features)  # sex is coded, not logged
+                        if name in self.spec["log_features"] and name != "sex"]
 
     # --- features -------------------------------------------------------------------------
 
-    def _matrix(self, cohort: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-        """Model features as floats (log where the model logs), and a status per row."""
-        n = len(cohort)
+    def _matrix(self, cells: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, list[str]]:
+        """Model features as floats (log where the model logs), and a status per row, from
+        the cohort's `_cells`."""
         status = [OK] * n
-        columns = []
-        for name in self.features:
-            if name not in cohort:
-                columns.append(np.full(n, np.nan))
+        X = np.full((n, len(self.features)), np.nan)
+        for j, name in enumerate(self.features):
+            if name not in cells:
                 continue
+            column = cells[name]
             if name == "sex":
-                text = cohort[name].astype("string").str.strip()
-                sex = text.str.lower().map(SEX_ALIASES)
-                unknown = (text.notna() & (text != "") & sex.isna()).to_numpy(dtype=bool)
-                for row in np.flatnonzero(unknown):
-                    problem = f"sex {text.iloc[row]!r} is not F or M"
-                    status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
-                columns.append(np.where(sex == "M", 1.0, np.where(sex == "F", 0.0, np.nan)))
+                X[:, j] = _sex(column, status)
                 continue
-            raw = cohort[name]
-            if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
-                # already numbers (JSON, Parquet): nothing to parse, no text to report
-                values = raw.to_numpy(dtype=float, na_value=np.nan)
-                text_given = np.zeros(n, dtype=bool)
-            else:
-                values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
-                text_given = raw.notna().to_numpy() & np.isnan(values)
-            low, high = self.spec["ranges"].get(name, [-np.inf, np.inf])
+            values, text_given = _numbers(column)
+            low, high = self._ranges[j]
             with np.errstate(invalid="ignore"):
                 bad = text_given | (values < low) | (values > high) | np.isinf(values)
             for row in np.flatnonzero(bad):
                 unit = PANEL[name].unit if name in PANEL else ""
-                problem = (f"{name} is not a number ({raw.iloc[row]!r})" if text_given[row]
+                problem = (f"{name} is not a number ({column[row]!r})" if text_given[row]
                            else f"{name}={values[row]:g} is outside {low:g}-{high:g} {unit}")
                 status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
-            values = np.where(bad, np.nan, values)  # a rejected value never reaches the model
-            if name in self.spec["log_features"]:
-                values = np.log(np.clip(values, 0, None) + _LOG_FLOOR)
-            columns.append(values)
-        return np.column_stack(columns), status
+            X[:, j] = np.where(bad, np.nan, values)  # a rejected value never reaches the model
+        X[:, self._logged] = np.log(np.clip(X[:, self._logged], 0, None) + _LOG_FLOOR)
+        return X, status
 
     # --- logits and contributions -----------------------------------------------------------
 
     def contributions(self, cohort: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Per-row, per-class logit contributions of each feature (n, K, F), the base (K,),
         and each row's status. Rows whose status is not ok get NaN."""
-        X, status = self._matrix(cohort)
+        return self._contributions(*self._matrix(_cells(cohort, self.features), len(cohort)))
+
+    def _contributions(self, X: np.ndarray, status: list[str]
+                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if len(X) == 0:
             return (np.empty((0, len(self.classes), len(self.features))),
                     self._base(), status)
@@ -180,7 +174,9 @@ class PackagedPhenotyper:
     def logits(self, cohort: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
         """Per-row softmax logits (n, K) without explanations, and each row's status: the
         booster's margin or the linear map, no TreeSHAP (orders of magnitude cheaper)."""
-        X, status = self._matrix(cohort)
+        return self._logits(*self._matrix(_cells(cohort, self.features), len(cohort)))
+
+    def _logits(self, X: np.ndarray, status: list[str]) -> tuple[np.ndarray, list[str]]:
         if len(X) == 0:
             return np.empty((0, len(self.classes))), status
         if self.spec["kind"] == "xgboost":
@@ -218,16 +214,6 @@ class PackagedPhenotyper:
             contributions[:, :, feature] += standard[:, None, column] * coef[None, :, column]
         return contributions, np.array(self.spec["intercept"])
 
-    def _checked(self, cohort: pd.DataFrame, column: str) -> np.ndarray:
-        """A marker as numbers, with text, infinite and implausible values as missing: the
-        rule must not act on a value the status rejected."""
-        if column not in cohort:
-            return np.full(len(cohort), np.nan)
-        values = pd.to_numeric(cohort[column], errors="coerce").to_numpy(dtype=float)
-        low, high = PANEL[column].low, PANEL[column].high
-        with np.errstate(invalid="ignore"):
-            return np.where((values >= low) & (values <= high), values, np.nan)
-
     # --- the contract -----------------------------------------------------------------------
 
     def predict(self, cohort: pd.DataFrame, explain: str = "predicted") -> pd.DataFrame:
@@ -235,47 +221,108 @@ class PackagedPhenotyper:
         answer, a status, and (unless explain='none') SHAP contributions and top drivers."""
         if explain not in EXPLAIN_MODES:
             raise ValueError(f"explain must be one of {EXPLAIN_MODES}, not {explain!r}")
+        n = len(cohort)
+        cells = _cells(cohort, self._reads)
+        X, status = self._matrix(cells, n)
         if explain == "none":
-            logits, status = self.logits(cohort)
+            logits, status = self._logits(X, status)
         else:
-            contributions, base, status = self.contributions(cohort)
+            contributions, base, status = self._contributions(X, status)
             logits = contributions.sum(axis=2) + base
         logits = logits - logits.max(axis=1, keepdims=True)
         proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         ok = np.array([s == OK for s in status], dtype=bool)
         predicted = np.where(ok, proba.argmax(axis=1), -1)
         classes = np.array(self.classes, dtype=object)
-        out = pd.DataFrame(index=range(len(cohort)))
-        out[PATIENT_ID] = (cohort[PATIENT_ID].to_numpy() if PATIENT_ID in cohort
-                           else np.full(len(cohort), None))
-        out["phenotype"] = np.where(ok, classes[np.maximum(predicted, 0)], None)
-        for k, name in enumerate(self.classes):
-            out[f"prob_{name}"] = np.where(ok, proba[:, k], np.nan)
-        out["rule_phenotype"] = immunosep_phenotype(
-            self._checked(cohort, "ferritin_ng_ml"), self._checked(cohort, "hla_dr_mab_per_cell"),
-            self.spec["rule"]["ferritin_threshold_ng_ml"],
-            self.spec["rule"]["hla_dr_threshold_mab_per_cell"])
-        out["status"] = status
-        if explain == "none":
-            return out
-        rows = np.arange(len(cohort))
-        chosen = contributions[rows, np.maximum(predicted, 0)]  # (n, F)
-        out["shap_base"] = np.where(ok, base[np.maximum(predicted, 0)], np.nan)
-        for f, name in enumerate(self.features):
-            out[f"shap_{name}"] = chosen[:, f]
-        if explain == "all":
-            for k, label in enumerate(self.classes):
-                out[f"shap_base_{label}"] = np.where(ok, base[k], np.nan)
-                for f, name in enumerate(self.features):
-                    out[f"shap_{label}_{name}"] = contributions[:, k, f]
-        out["top_drivers"] = _top_drivers(chosen, cohort, self.features, ok)
-        return out
+        rule = self.spec["rule"]
+        # the answer is built as one frame from columns: inserting them one by one costs
+        # pandas more than the whole model on a one-patient request
+        out: dict[str, Any] = {
+            PATIENT_ID: cells.get(PATIENT_ID, np.full(n, None)),
+            "phenotype": np.where(ok, classes[np.maximum(predicted, 0)], None),
+            **{f"prob_{name}": np.where(ok, proba[:, k], np.nan)
+               for k, name in enumerate(self.classes)},
+            "rule_phenotype": immunosep_phenotype(
+                _checked(cells, n, "ferritin_ng_ml"), _checked(cells, n, "hla_dr_mab_per_cell"),
+                rule["ferritin_threshold_ng_ml"], rule["hla_dr_threshold_mab_per_cell"]),
+            "status": status,
+        }
+        if explain != "none":
+            chosen = contributions[np.arange(n), np.maximum(predicted, 0)]  # (n, F)
+            out["shap_base"] = np.where(ok, base[np.maximum(predicted, 0)], np.nan)
+            out.update({f"shap_{name}": chosen[:, f] for f, name in enumerate(self.features)})
+            if explain == "all":
+                for k, label in enumerate(self.classes):
+                    out[f"shap_base_{label}"] = np.where(ok, base[k], np.nan)
+                    out.update({f"shap_{label}_{name}": contributions[:, k, f]
+                                for f, name in enumerate(self.features)})
+            out["top_drivers"] = _top_drivers(chosen, cells, self.features, ok)
+        return pd.DataFrame(out, index=range(n))
 
 
-SMALL_REQUEST_ROWS = 8  # up to this many rows, _top_drivers formats row by row
+SMALL_REQUEST_ROWS = 8  # up to this many rows: read in one go, top drivers row by row
+RULE_MARKERS = ("ferritin_ng_ml", "hla_dr_mab_per_cell")
 
 
-def _top_drivers(chosen: np.ndarray, cohort: pd.DataFrame, features: list[str],
+def _cells(cohort: pd.DataFrame, names: list[str]) -> dict[str, np.ndarray]:
+    """The columns of `names` that `cohort` has, each as a numpy array of its cells: numpy
+    dtypes kept (int64 stays int64), other dtypes as objects.
+
+    A request of a few rows (the scoring server's) is read in one go, where pandas'
+    per-column cost would dominate; both give the same arrays (tested).
+    """
+    if len(cohort) > SMALL_REQUEST_ROWS:
+        return {name: _array(cohort[name]) for name in names if name in cohort}
+    wanted = set(names)
+    every = cohort.to_numpy(dtype=object)
+    return {name: every[:, j].astype(dtype) if isinstance(dtype, np.dtype) else every[:, j]
+            for j, (name, dtype) in enumerate(zip(cohort.columns, cohort.dtypes, strict=True))
+            if name in wanted}
+
+
+def _array(series: pd.Series) -> np.ndarray:
+    """A column's cells: its numpy array, or objects for pandas' own dtypes (text, nullable
+    numbers), as `DataFrame.to_numpy(dtype=object)` gives them."""
+    return (series.to_numpy() if isinstance(series.dtype, np.dtype)
+            else series.to_numpy(dtype=object))
+
+
+def _numbers(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A column's cells as floats (NaN where missing or not a number), and where a cell held
+    something that is not a number (text to report)."""
+    if column.dtype.kind in "iuf":  # already numbers (JSON, Parquet): nothing to parse
+        return column.astype(float), np.zeros(len(column), dtype=bool)
+    values = np.asarray(pd.to_numeric(column, errors="coerce"), dtype=float)
+    return values, ~pd.isna(column) & np.isnan(values)
+
+
+def _sex(column: np.ndarray, status: list[str]) -> np.ndarray:
+    """M as 1, F as 0 (any spelling of SEX_ALIASES), missing as NaN; a text that is neither
+    is NaN and reported in that row's status. Each distinct text is read once."""
+    codes, texts = pd.factorize(pd.array(column, dtype="string"))  # missing: code -1
+    texts = [str(text).strip() for text in texts]
+    sexes = [SEX_ALIASES.get(text.lower()) for text in texts]
+    for row in np.flatnonzero(codes >= 0):
+        text, sex = texts[codes[row]], sexes[codes[row]]
+        if text != "" and sex is None:
+            problem = f"sex {text!r} is not F or M"
+            status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
+    value = np.array([{"M": 1.0, "F": 0.0}.get(sex, np.nan) for sex in sexes] + [np.nan])
+    return value[codes]
+
+
+def _checked(cells: dict[str, np.ndarray], n: int, column: str) -> np.ndarray:
+    """A marker as numbers, with text, infinite and implausible values as missing: the rule
+    must not act on a value the status rejected."""
+    if column not in cells:
+        return np.full(n, np.nan)
+    values, _ = _numbers(cells[column])
+    low, high = PANEL[column].low, PANEL[column].high
+    with np.errstate(invalid="ignore"):
+        return np.where((values >= low) & (values <= high), values, np.nan)
+
+
+def _top_drivers(chosen: np.ndarray, cells: dict[str, np.ndarray], features: list[str],
                  ok: np.ndarray, count: int = 3) -> np.ndarray:
     """'ferritin_ng_ml=9120.0 (+2.41), platelets_10e9_l=48.0 (+0.93), ...' per row.
 
@@ -287,7 +334,7 @@ def _top_drivers(chosen: np.ndarray, cohort: pd.DataFrame, features: list[str],
     order = np.argsort(-np.abs(np.nan_to_num(chosen)), axis=1)[:, :count]
     if n <= SMALL_REQUEST_ROWS:
         def cell(row: int, f: int) -> str:
-            value = cohort[features[f]].iloc[row] if features[f] in cohort else None
+            value = cells[features[f]][row] if features[f] in cells else None
             return "missing" if value is None or pd.isna(value) else str(value)
 
         return np.array([", ".join(f"{features[f]}={cell(row, f)} ({chosen[row, f]:+.2f})"
@@ -300,10 +347,10 @@ def _top_drivers(chosen: np.ndarray, cohort: pd.DataFrame, features: list[str],
         feature = order[:, rank]
         shown = np.full(n, "missing", dtype=object)
         for f in np.unique(feature):
-            if names[f] in cohort:
+            if names[f] in cells:
                 where = np.flatnonzero(feature == f)
-                cells = cohort[names[f]].iloc[where]
-                shown[where] = np.where(cells.isna(), "missing", cells.astype(str))
+                values = pd.Series(cells[names[f]][where])
+                shown[where] = np.where(values.isna(), "missing", values.astype(str))
         part = (pd.Series(names[feature]) + "=" + pd.Series(shown) + " ("
                 + pd.Series(chosen[rows, feature]).map("{:+.2f}".format) + ")")
         joined = part if rank == 0 else joined + ", " + part

@@ -165,17 +165,29 @@ def test_odd_inputs_never_lose_the_batch(cohorts, tmp_path) -> None:
     assert out.loc[0, "rule_phenotype"] != "MALS"  # an infinite ferritin is not evidence
 
 
-def test_a_small_request_is_answered_as_the_same_rows_in_a_large_batch(cohorts, tmp_path):
-    """The scoring server's few-row requests take a row-by-row path for the top drivers and
-    skip parsing columns that are already numbers: same answers as one big batch of text."""
+@pytest.mark.parametrize("explain", ["predicted", "all", "none"])
+def test_a_small_request_is_answered_as_the_same_rows_in_a_large_batch(cohorts, tmp_path,
+                                                                        explain):
+    """The scoring server's few-row requests are read in one go (not column by column) and
+    their top drivers formatted row by row: same answers as one big batch, whatever the
+    columns' dtypes (numbers, text, pandas' nullable types, odd sex codes)."""
     train, test = cohorts
     packaged = _packaged(_fit("xgboost", train), tmp_path)
     rows = test.head(40).copy()
     rows.loc[rows.index[3], "crp_mg_l"] = np.nan
     rows.loc[rows.index[5], "ferritin_ng_ml"] = -5.0  # rejected: status, no drivers
-    batch = packaged.predict(rows.astype({"ferritin_ng_ml": object}))  # text parsed
-    small = pd.concat([packaged.predict(rows.iloc[i:i + 2]) for i in range(0, 40, 2)],
-                      ignore_index=True)
-    pd.testing.assert_frame_equal(small, batch.reset_index(drop=True))
-    assert batch["top_drivers"].str.contains("=").sum() == 39
-    assert batch.loc[5, "top_drivers"] == ""
+    rows["sofa"] = rows["sofa"].astype("Int64")  # a nullable integer column with a gap
+    rows.loc[rows.index[7], "sofa"] = pd.NA
+    rows["il6_pg_ml"] = rows["il6_pg_ml"].astype(str)  # numbers as text, parsed
+    rows.loc[rows.index[8], "il6_pg_ml"] = "haemolysed"
+    rows["sex"] = rows["sex"].astype(object)
+    rows.loc[rows.index[[9, 10, 11]], "sex"] = [" female ", "x", None]
+    for given in (rows, rows.astype({"ferritin_ng_ml": object})):
+        batch = packaged.predict(given, explain=explain)
+        small = pd.concat([packaged.predict(given.iloc[i:i + 2], explain=explain)
+                           for i in range(0, 40, 2)], ignore_index=True)
+        pd.testing.assert_frame_equal(small, batch.reset_index(drop=True))
+    assert (batch["status"] != OK).sum() == 3  # ferritin -5, il6 text, sex "x"
+    if explain != "none":
+        assert batch["top_drivers"].str.contains("=").sum() == 37
+        assert batch.loc[5, "top_drivers"] == ""
