@@ -47,10 +47,10 @@ from phenotyper.cohort import (
     Cohort,
     open_cohort,
 )
+from phenotyper.contract import INDETERMINATE
 from phenotyper.files import atomic_path
 from phenotyper.packaged import EXPLAIN_MODES, OK, PackagedPhenotyper
 from phenotyper.panel import PATIENT_ID, SITE_ID
-from phenotyper.rules import INDETERMINATE
 
 ENGINES = ("local", "spark")
 ROW = "row"
@@ -257,6 +257,7 @@ class ScoreRequest:
     engine: str = "local"
     report_path: Path | None = None
     block_rows: int = BLOCK_ROWS
+    csv_reader: str = "arrow"  # cohort.CSV_READERS (open_cohort)
 
     @property
     def manifest_path(self) -> Path:
@@ -314,17 +315,18 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
                ) -> dict[str, Any]:
     """Score a cohort file into one output file with a manifest (and report); returns the
     manifest. Nothing reaches the destinations unless the whole run succeeds."""
-    from phenotyper import tracking
+    from phenotyper import registry
 
     check_request(request)
     timer = Timer()
     started = time.perf_counter()
-    opened = open_cohort(request.input_path, request.mapping_path, request.block_rows)
+    opened = open_cohort(request.input_path, request.mapping_path, request.block_rows,
+                         request.csv_reader)
     with timer.stage("load_model"):
-        model_info = tracking.describe_model(request.model_uri)
+        model_info = registry.describe_model(request.model_uri)
         # the alias is resolved once: a promotion during the run cannot mix two versions
         request = dataclasses.replace(request, model_uri=model_info["resolved_uri"])
-        model = tracking.load_packaged(request.model_uri, threads=os.cpu_count() or 1)
+        model = registry.load_packaged(request.model_uri, threads=os.cpu_count() or 1)
     with timer.stage("input_sha256"):
         digest = _sha256(request.input_path)
     schema = output_schema(model, request.explain)

@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from phenotyper.cohort import (
     ISSUE_COLUMNS,
     CohortError,
+    _arrow_blocks,
+    _delimited_blocks,
+    _NotAlike,
     open_cohort,
     quality_report,
     read_cohort,
@@ -807,6 +810,101 @@ def test_parquet_is_read_in_blocks_with_a_stored_index_as_a_column(tmp_path):
     data = pd.concat([block.data for block in blocks], ignore_index=True)
     assert data["mrn"].tolist() == ["a", "b", "c"]
     assert data["ferritin_ng_ml"].tolist() == [100.0, 200.0, 300.0]
+
+
+# --- two text readers, one reading ---------------------------------------------------------
+
+# Files for both text readers: name -> (text, whether Arrow's reader hands over to pandas').
+READER_FIXTURES = {
+    "messy": ("\n".join(row for row in MESSY_ROWS if row) + "\n", False),
+    "messy_blank_lines": ("\n".join(MESSY_ROWS) + "\n", False),
+    "semicolon_decimal_commas": ('patient_id;ferritin_ng_ml;crp_mg_l;hla_dr_mab_per_cell\n'
+                                 'p1;"4,420";1,5;<1500\np2;4.420;<0,5;"2.000"\n'
+                                 'p3;1.234,5;12;\np1;n/a;-3;9000\n', False),
+    "crlf_bom_quotes": ('\ufeffpatient_id,note,crp_mg_l,sex\r\np1,"two\r\nlines",3,F\r\n'
+                        'p2,"say ""hi"", ok",x,?\r\np3,,"1,234.5",m\r\n', False),
+    "no_final_line_break": ("patient_id,crp_mg_l\np1,1\np2,<2", False),
+    "one_column_blank_lines": ("crp_mg_l\n1\n\n  \nx\n2\n", False),
+    "short_row": ("patient_id,crp_mg_l,sofa\np1,1,2\np2,3\np3,4,5\np4,x,30\n", True),
+    "spaces_only_line": ("patient_id,crp_mg_l\np1,1\n   \np2,y\n", True),
+    "repeated_name": ("crp_mg_l,crp_mg_l,ferritin_ng_ml\n1,2,3\n4,5,6\n", True),
+    "long_row": ("ferritin_ng_ml,b\n1,2\n3,4,5\n", True),  # an error to both
+    "ends_inside_quotes": ('patient_id,crp_mg_l\np1,1\np2,2\np3,"3\n', True),  # likewise
+    "header_only": ("crp_mg_l,sofa\n", False),  # likewise: no data rows
+}
+
+
+def read_with(path, csv_reader: str, block_rows: int | None) -> list | str:
+    """Each block's (first row, data, issues), or the CohortError's message."""
+    try:
+        return [(block.first_row, block.data, block.issues)
+                for block in open_cohort(path, block_rows=block_rows,
+                                         csv_reader=csv_reader).blocks()]
+    except CohortError as error:
+        return str(error)
+
+
+def assert_same_reading(path, block_rows: int | None) -> None:
+    arrow, pandas = (read_with(path, reader, block_rows) for reader in ("arrow", "pandas"))
+    if isinstance(pandas, str) or isinstance(arrow, str):
+        assert arrow == pandas
+        return
+    assert [first for first, _, _ in arrow] == [first for first, _, _ in pandas]
+    for (_, data, issues), (_, pandas_data, pandas_issues) in zip(arrow, pandas, strict=True):
+        pd.testing.assert_frame_equal(data, pandas_data)
+        pd.testing.assert_frame_equal(issues, pandas_issues)
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 3, None])
+@pytest.mark.parametrize("name", list(READER_FIXTURES))
+def test_arrow_and_pandas_readers_give_the_same_blocks_and_issues(tmp_path, name, block_rows):
+    path = tmp_path / "cohort.csv"
+    path.write_bytes(READER_FIXTURES[name][0].encode())
+    assert_same_reading(path, block_rows)
+
+
+@pytest.mark.parametrize("name", list(READER_FIXTURES))
+def test_arrow_reads_a_file_itself_unless_pandas_would_read_it_otherwise(tmp_path, name):
+    text, hands_over = READER_FIXTURES[name]
+    path = tmp_path / "cohort.csv"
+    path.write_bytes(text.encode())
+    opened = open_cohort(path, csv_reader="arrow")
+    arrow = _arrow_blocks(path, opened.delimiter, opened.header, 2)
+    if hands_over:
+        with pytest.raises(_NotAlike):
+            list(arrow)
+        return
+    pandas = [frame for frame in _delimited_blocks(path, opened.delimiter, opened.encoding, 0, 2)
+              if len(frame)]
+    for frame, pandas_frame in zip(list(arrow), pandas, strict=True):
+        pd.testing.assert_frame_equal(frame, pandas_frame.reset_index(drop=True))
+
+
+def test_arrows_reader_is_taken_for_utf8_files_without_blank_lines_before_the_header(tmp_path):
+    clean = write(tmp_path, "patient_id,crp_mg_l\np1,1\n\n", "clean.csv")
+    assert open_cohort(clean).csv_reader == "arrow"
+    assert open_cohort(clean, csv_reader="pandas").csv_reader == "pandas"
+    for name, text, encoding in (("head.csv", "\npatient_id,crp_mg_l\np1,1\n", "utf-8"),
+                                 ("latin.csv", "patient_id,crp_mg_l\np\u00e9,1\n", "latin-1"),
+                                 ("wide.csv", "patient_id;crp_mg_l\np1;1\n", "utf-16")):
+        assert open_cohort(write(tmp_path, text, name, encoding)).csv_reader == "pandas", name
+    with pytest.raises(ValueError, match="csv_reader"):
+        open_cohort(clean, csv_reader="polars")
+
+
+# Cells written as they come (unquoted, so quotes, delimiters and line breaks in them make rows
+# ragged, quoted, blank or unterminated).
+RAW_CELLS = st.lists(st.text(alphabet='"",;\n\r \t1.a<\u00e9', max_size=6), min_size=1,
+                     max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cells=RAW_CELLS, block_rows=st.sampled_from([1, 2, 5, None]))
+def test_arrow_and_pandas_readers_agree_on_arbitrary_text(tmp_path_factory, cells, block_rows):
+    path = tmp_path_factory.getbasetemp() / "readers.csv"
+    rows = [",".join(cells[k:k + 3]) for k in range(0, len(cells), 3)]
+    path.write_bytes(("patient_id,crp_mg_l,note\n" + "\n".join(rows)).encode())
+    assert_same_reading(path, block_rows)
 
 
 # --- labels and trial columns in the mapping --------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from phenotyper import tracking
+from phenotyper import registry, tracking
 from phenotyper.cli import app
 from phenotyper.cohort import read_cohort
 from phenotyper.score import ScoreRequest, ScoringError, score_file
@@ -93,13 +93,35 @@ def test_scores_equal_the_model_on_the_whole_file_whatever_the_block_size(store,
     whole, blocks = pd.read_parquet(one), pd.read_csv(many, keep_default_na=False,
                                                        na_values=[""])
     assert len(whole) == len(blocks) == 2500
-    expected = tracking.load_packaged(MODEL).predict(read_cohort(cohort).data)
+    expected = registry.load_packaged(MODEL).predict(read_cohort(cohort).data)
     for column in ("patient_id", "phenotype", "rule_phenotype", "status", "top_drivers"):
         assert whole[column].tolist() == expected[column].tolist()
         assert blocks[column].astype(str).tolist() == expected[column].astype(str).tolist()
     numeric = [c for c in expected if c.startswith(("prob_", "shap_"))]
     np.testing.assert_allclose(whole[numeric], expected[numeric], rtol=0, atol=1e-12)
     np.testing.assert_allclose(blocks[numeric], expected[numeric], rtol=1e-12, atol=1e-12)
+
+
+# MESSY as it is (Arrow's reader reads it all), and with a blank line and a line of spaces
+# (Arrow's reader hands over to pandas' from the block of the line of spaces on).
+@pytest.mark.parametrize("text", [MESSY, MESSY.replace("\nf,", "\n\n   \nf,")])
+def test_both_csv_readers_give_the_same_scores(store, messy, tmp_path, text):
+    cohort, mapping = messy
+    cohort.write_text(text, encoding="utf-8")
+    results = []
+    for reader in ("arrow", "pandas"):
+        output = tmp_path / f"{reader}.parquet"
+        manifest = _score(store, cohort, output, mapping_path=mapping, block_rows=2,
+                          csv_reader=reader)
+        results.append((pd.read_parquet(output), {key: value for key, value in manifest.items()
+                                                  if key not in ("output", "timings_s",
+                                                                 "rows_per_s")}))
+    (arrow, arrow_manifest), (pandas, pandas_manifest) = results
+    pd.testing.assert_frame_equal(arrow, pandas)
+    assert arrow_manifest == pandas_manifest
+    assert len(arrow) == text.count("\n") - 1
+    assert arrow["issues"].str.contains("patient_id is missing").sum() == (
+        3 if text != MESSY else 1)
 
 
 def test_manifest_names_the_model_input_and_counts(store, tmp_path):
@@ -226,7 +248,7 @@ def test_tree_model_explanations_are_xgboosts_numbers_from_the_compiled_tables(s
     assert manifest["explainer"]["method"] == "compiled TreeSHAP tables"
     assert manifest["explainer"]["table_bytes"] > 0
     scored = pd.read_parquet(output)
-    reference_model = tracking.load_packaged("models:/batchtrees/1")
+    reference_model = registry.load_packaged("models:/batchtrees/1")
     reference_model.explainer = XGBoostContributions(reference_model.booster, "reference")
     reference = reference_model.predict(read_cohort(cohort).data, explain="all")
     shap_columns = [c for c in reference.columns if c.startswith("shap_")]
