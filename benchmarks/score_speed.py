@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from results_file import write_results  # benchmarks/ is on sys.path when run
 
-from phenotyper import tracking
+from phenotyper import registry
 from phenotyper.cohort import BLOCK_ROWS, write_table
 from phenotyper.experiment import default_spec, train
 from phenotyper.score import ScoreRequest, score_file
@@ -63,7 +63,7 @@ def _bare_model_s(model_uri: str, cohort: Path, explain: str) -> float:
     """Seconds the packaged model alone takes on the file's rows, read beforehand."""
     from phenotyper.cohort import open_cohort
 
-    model = tracking.load_packaged(model_uri, threads=os.cpu_count() or 1)
+    model = registry.load_packaged(model_uri, threads=os.cpu_count() or 1)
     blocks = [block.data for block in open_cohort(cohort).blocks()]
     start = time.perf_counter()
     for data in blocks:
@@ -92,7 +92,7 @@ def main() -> None:
         folder = Path(folder_name)
         os.chdir(folder)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-        tracking.configure()
+        registry.configure()
         train_path = write_table(simulate("immunosep-screening", 20_000, 5),
                                  folder / "train.parquet")
         spec = default_spec(train_path, "phenotype_true", "score-speed")

@@ -25,9 +25,9 @@ from results_file import write_results  # benchmarks/ is on sys.path when run
 
 from phenotyper.experiment import ExperimentSpec, train
 from phenotyper.packaged import PackagedPhenotyper
+from phenotyper.registry import configure, load_packaged
 from phenotyper.serving import post, running_server
 from phenotyper.simulate import simulate
-from phenotyper.tracking import configure, load_packaged
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from phenotyper.evaluate import (
     benchmark,
     calibration_by_phenotype,
 )
+from phenotyper.immunosep import RULE_MARKERS
 from phenotyper.labels import (
     LabelReading,
     accepted_words,
@@ -81,7 +82,6 @@ SUPERIORITY, AGREEMENT = "superiority", "agreement"
 GATES = (SUPERIORITY, AGREEMENT)
 # The learned two-marker reference: the selected learner refitted on the rule's own markers.
 TWO_MARKER = "two_marker"
-RULE_MARKERS = ("ferritin_ng_ml", "hla_dr_mab_per_cell")
 
 
 class ExperimentError(ValueError):
@@ -681,13 +681,14 @@ def train(spec: ExperimentSpec) -> TrainingOutcome:
     The current champion (if any) is judged on the same held-out patients. Aliases move only
     after everything else succeeded, so a failed run leaves them where they were.
     """
-    from phenotyper import report, tracking
+    from phenotyper import registry, report, tracking
 
-    uri = tracking.configure()
-    current = tracking.champion_version(spec.registered_model)
+    uri = registry.configure()
+    current = registry.champion_version(spec.registered_model)
     champion = None
     if current is not None:
-        champion = tracking.load_model(f"models:/{spec.registered_model}@{tracking.CHAMPION_ALIAS}")
+        champion = tracking.load_model(
+            f"models:/{spec.registered_model}@{registry.CHAMPION_ALIAS}")
     with tracking.experiment_run(spec.name, run_name=spec.name) as run:
         result = fit_and_evaluate(spec, champion)
         version = tracking.log_result(result)

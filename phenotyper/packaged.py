@@ -1,10 +1,11 @@
 """The packaged phenotyper: a fitted candidate as plain data, scored with exact explanations.
 
-`export` turns a fitted candidate (logistic or XGBoost pipeline, optionally recalibrated) into
-files that need no pickle: `phenotyper.json` (features, preprocessing, coefficients, class
-names, calibration map, rule thresholds, panel ranges) and, for trees, the booster in XGBoost's
-own format. `PackagedPhenotyper` reads them back and scores a cohort with numpy, xgboost and
-numba only (the trees' SHAP tables are compiled from the booster at load, see explain.py).
+`phenotyper.export.export` turns a fitted candidate (logistic or XGBoost pipeline, optionally
+recalibrated) into files that need no pickle: `phenotyper.json` (features, preprocessing,
+coefficients, class names, calibration map, rule thresholds, panel ranges) and, for trees,
+the booster in XGBoost's own format. `PackagedPhenotyper` reads them back and scores a cohort
+with numpy, xgboost and numba only, never scikit-learn (the trees' SHAP tables are compiled
+from the booster at load, see explain.py).
 
 Every model here is linear in its softmax logits once the features are fixed: the logistic
 model exactly, the trees through exact TreeSHAP contributions (XGBoost's numbers), and the
@@ -22,62 +23,14 @@ import numpy as np
 import pandas as pd
 
 from phenotyper.explain import tree_explainer
-from phenotyper.models import LINEAR_SCALE_MARKERS, LogitRecalibrated, WeightedXGBClassifier
+from phenotyper.immunosep import RULE_MARKERS, immunosep_phenotype
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES
-from phenotyper.rules import (
-    FERRITIN_MALS_NG_ML,
-    HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
-    immunosep_phenotype,
-)
 
 SPEC_FILE, BOOSTER_FILE = "phenotyper.json", "booster.ubj"
 FORMAT_VERSION = 1
 EXPLAIN_MODES = ("predicted", "all", "none")
 OK = "ok"
 _LOG_FLOOR = 1e-3  # as models.PanelFeatures
-
-
-def export(model: Any, folder: Path) -> Path:
-    """Write a fitted candidate as plain data into `folder`; returns the spec file."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    calibration = None
-    if isinstance(model, LogitRecalibrated):
-        calibration = {"coef": model.calibrator_.coef_.tolist(),
-                       "intercept": model.calibrator_.intercept_.tolist()}
-        model = model.base_
-    features_step, classifier = model[0], model[-1]
-    features = list(features_step.features)
-    spec: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "features": features,
-        "log_features": [f for f in features if f in PANEL and f not in LINEAR_SCALE_MARKERS],
-        "classes": [str(c) for c in classifier.classes_],
-        "calibration": calibration,
-        "rule": {"ferritin_threshold_ng_ml": FERRITIN_MALS_NG_ML,
-                 "hla_dr_threshold_mab_per_cell": HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL},
-        "ranges": {f: [PANEL[f].low, PANEL[f].high] for f in features
-                   if f in PANEL and PANEL[f].is_numeric},
-    }
-    if isinstance(classifier, WeightedXGBClassifier):
-        classifier.booster_.get_booster().save_model(str(folder / BOOSTER_FILE))
-        spec["kind"] = "xgboost"
-        spec["logit_offset"] = (-np.log(classifier.class_weight_)).tolist()
-        spec["booster"] = BOOSTER_FILE
-    else:
-        imputer, scaler = model.named_steps["impute"], model.named_steps["scale"]
-        indicator = getattr(imputer, "indicator_", None)
-        spec["kind"] = "linear"
-        spec["impute_median"] = imputer.statistics_.tolist()
-        spec["indicator_of"] = ([] if indicator is None
-                                else [int(i) for i in indicator.features_])
-        spec["scale_mean"] = scaler.mean_.tolist()
-        spec["scale_sd"] = scaler.scale_.tolist()
-        spec["coef"] = classifier.coef_.tolist()
-        spec["intercept"] = classifier.intercept_.tolist()
-    path = folder / SPEC_FILE
-    path.write_text(json.dumps(spec, indent=1))
-    return path
 
 
 class PackagedPhenotyper:
@@ -261,7 +214,6 @@ class PackagedPhenotyper:
 
 
 SMALL_REQUEST_ROWS = 8  # up to this many rows: read in one go, top drivers row by row
-RULE_MARKERS = ("ferritin_ng_ml", "hla_dr_mab_per_cell")
 
 
 def _cells(cohort: pd.DataFrame, names: list[str]) -> dict[str, np.ndarray]:

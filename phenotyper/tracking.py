@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import tempfile
 import warnings
@@ -21,68 +20,25 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import phenotyper
 from phenotyper import explain, pyfunc_model, report
-from phenotyper.packaged import PackagedPhenotyper, export
+from phenotyper.export import export
+from phenotyper.packaged import PackagedPhenotyper
 from phenotyper.panel import PANEL, PATIENT_ID
+from phenotyper.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, champion_version
 from phenotyper.rules import PHENOTYPES
 
 if TYPE_CHECKING:
     from phenotyper.experiment import GateDecision, TrainingResult
 
-DEFAULT_STORE = "mlflow.db"  # MLflow's embedded SQLite store, in the working directory
-CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"
 MODEL_ARTIFACT = "model"
 
 
-def configure() -> str:
-    """Point MLflow at $MLFLOW_TRACKING_URI, or at ./mlflow.db; return the URI in use."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
-def champion_version(name: str) -> str | None:
-    """The registered version that holds the champion alias, if any."""
-    try:
-        return str(MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS).version)
-    except MlflowException:
-        return None
-
-
-def load_packaged(uri: str, threads: int = 1) -> PackagedPhenotyper:
-    """The packaged phenotyper inside a registered pyfunc model (plots, explanations, batch
-    scoring in this process)."""
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    return PackagedPhenotyper(local / "artifacts" / pyfunc_model.ARTIFACT, threads=threads)
-
-
-def describe_model(uri: str) -> dict[str, str | None]:
-    """The registered name, version and run id behind a model URI, and the URI pinned to that
-    version (`resolved_uri`), so a long run loads the same version throughout."""
-    info: dict[str, str | None] = {"uri": uri, "resolved_uri": uri, "name": None,
-                                   "version": None, "run_id": None}
-    client = MlflowClient()
-    if uri.startswith("models:/"):
-        reference = uri.removeprefix("models:/").rstrip("/")
-        if "@" in reference:
-            name, alias = reference.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in reference:
-            name, number = reference.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            raise MlflowException(f"give a version or an alias: models:/{reference}/VERSION or "
-                                  f"models:/{reference}@champion")
-        info.update(resolved_uri=f"models:/{version.name}/{version.version}",
-                    name=version.name, version=str(version.version), run_id=version.run_id)
-    elif uri.startswith("runs:/"):
-        info["run_id"] = uri.removeprefix("runs:/").split("/", 1)[0]
-    return info
 
 
 def load_model(uri: str) -> PyfuncPhenotyper:

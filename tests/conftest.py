@@ -18,13 +18,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A folder with a SQLite store (set as MLFLOW_TRACKING_URI) holding two small registered
     models for the scoring tests: logistic models:/batchmodel/1 and XGBoost
     models:/batchtrees/1."""
-    from phenotyper import tracking
+    from phenotyper import registry
     from phenotyper.experiment import ExperimentSpec, train
 
     folder = tmp_path_factory.mktemp("scoring")
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-    tracking.configure()
+    registry.configure()
     train(ExperimentSpec(name="batch", registered_model="batchmodel", label="phenotype_true",
                          preset="provide", n=2000, cohort_seed=6,
                          candidates={"logistic": {"C": [1.0]}}, bootstrap=30, noise_repeats=0))

@@ -11,8 +11,9 @@ import pytest
 import shap
 
 from phenotyper.explain import TreeShapTables
+from phenotyper.export import export
 from phenotyper.models import LogitRecalibrated, build_candidate
-from phenotyper.packaged import OK, PackagedPhenotyper, export
+from phenotyper.packaged import OK, PackagedPhenotyper
 from phenotyper.panel import PANEL
 from phenotyper.simulate import simulate
 

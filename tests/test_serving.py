@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenotyper import tracking
+from phenotyper import registry
 from phenotyper.experiment import ExperimentSpec, train
 from phenotyper.serving import post, running_server, score
 from phenotyper.simulate import simulate
@@ -118,9 +118,9 @@ def test_a_tree_model_is_served_with_its_exact_shap_tables(store, monkeypatch) -
     with running_server(model="models:/batchtrees/1") as url:
         served = pd.DataFrame(score(url, patients, explain="all"))
     previous = mlflow.get_tracking_uri()  # the module's server fixture points elsewhere
-    tracking.configure()
+    registry.configure()
     try:
-        local = tracking.load_packaged("models:/batchtrees/1").predict(
+        local = registry.load_packaged("models:/batchtrees/1").predict(
             pd.DataFrame(patients), explain="all")
     finally:
         mlflow.set_tracking_uri(previous)
