@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -216,9 +217,9 @@ def promote(
     """Move the champion alias to a registered version by hand (the gate is bypassed)."""
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import tracking
+    from phenotyper import registry, tracking
 
-    uri = tracking.configure()
+    uri = registry.configure()
     try:
         previous = tracking.promote(name, version)
     except MlflowException as error:
@@ -235,10 +236,10 @@ def model_card(
     """Write the model card of a registered version (the champion by default)."""
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import tracking
+    from phenotyper import registry, tracking
     from phenotyper.files import write_bytes_atomic
 
-    uri = tracking.configure()
+    uri = registry.configure()
     try:
         card = tracking.model_card_text(name, alias)
     except MlflowException as error:
@@ -260,9 +261,9 @@ def serve(
     """Serve a packaged model with MLflow's own scoring server (POST /invocations)."""
     import shutil
 
-    from phenotyper import tracking
+    from phenotyper import registry
 
-    uri = tracking.configure()
+    uri = registry.configure()
     # MLflow starts its server by name (uvicorn): this environment's tools must come first
     tools = str(Path(sys.executable).parent)
     mlflow_cli = shutil.which("mlflow", path=tools) or "mlflow"
@@ -297,11 +298,11 @@ def score(
     from mlflow.exceptions import MlflowException
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from phenotyper import tracking
+    from phenotyper import registry
     from phenotyper.cohort import CohortError
     from phenotyper.score import ScoreRequest, ScoringError, score_file
 
-    tracking.configure()
+    registry.configure()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours suffices
     request = ScoreRequest(model, input_path, output, mapping, explain, engine, report_path,
                            block_rows)
@@ -366,17 +367,17 @@ def explain_patient(
     """Draw one patient's SHAP waterfall: why the model gave this phenotype."""
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import explain, tracking
+    from phenotyper import explain, registry
     from phenotyper.cohort import CohortError, read_cohort
     from phenotyper.files import write_bytes_atomic
 
-    tracking.configure()
+    registry.configure()
     try:
         data = read_cohort(cohort, mapping).data
         rows = data[data["patient_id"] == patient]
         if rows.empty:
             exit_with_error(f"No patient_id '{patient}' in {cohort}.")
-        packaged = tracking.load_packaged(model)
+        packaged = registry.load_packaged(model)
         png = explain.waterfall_png(packaged, rows.head(1))
     except CohortError as error:
         exit_with_error(str(error))
@@ -395,9 +396,9 @@ def _load_models(uris: list[str]) -> dict[str, object]:
         return {}
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import tracking
+    from phenotyper import registry, tracking
 
-    tracking.configure()
+    registry.configure()
     models = {}
     for uri in uris:
         try:
@@ -544,5 +545,15 @@ def _print_report(report: QualityReport) -> None:
         console.print(Text(f"Not in the file: {', '.join(report.absent)}.", style="dim"))
 
 
+def main() -> None:
+    """The `phenotyper` command. Its objects are frozen out of the garbage collector before
+    the interpreter ends: the final collection over MLflow's, SQLAlchemy's and pandas' objects
+    took a second at exit, more than a small scoring job's own work."""
+    try:
+        app()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    app()
+    main()
