@@ -20,6 +20,7 @@ models, which XGBoost cannot explain either, get an error.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import math
@@ -29,11 +30,20 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 from numba import njit
+from numba.core.caching import (
+    CompileResultCacheImpl,
+    FunctionCache,
+    _CacheLocator,
+    _SourceFileBackedLocatorMixin,
+)
+
+from phenotyper import __version__
 
 if TYPE_CHECKING:
     from phenotyper.packaged import PackagedPhenotyper
@@ -714,6 +724,72 @@ def _explain_rows(X, lo, hi, tree_group, tree_region_start, node_feature, node_t
                 for f in range(n_features):
                     out[start + i, k, f] = total[k, f, i]
                 out[start + i, k, n_features] = bias[k]
+
+
+# --- the compiled kernels' cache ------------------------------------------------------------
+# Compiling the three kernels takes seconds, more than a small scoring job's own work. They are
+# cached under the user's cache folder (never in a model artifact), one folder per phenotyper
+# version; numba keys each entry by its version, the source's hash and the CPU. numba reads an
+# entry with pickle, so the folder is used only if it is the user's alone, and an entry that
+# cannot be read is ignored (the kernel compiles, as without a cache).
+
+
+def kernel_cache_dir() -> Path | None:
+    """Where compiled kernels are kept, or None (compile in memory) where that folder is not
+    the user's own and closed to others."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phenotyper"
+    path = root / f"kernels-{__version__}"
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folders = [root.stat(), path.stat()]
+    except OSError:
+        return None
+    if any(s.st_uid != os.getuid() or s.st_mode & 0o022 for s in folders):
+        return None
+    return path
+
+
+class _UserCacheLocator(_SourceFileBackedLocatorMixin, _CacheLocator):
+    def __init__(self, py_func: Any, py_file: str) -> None:
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+
+    def get_cache_path(self) -> str:
+        return str(_KERNEL_CACHE_DIR)
+
+    @classmethod
+    def from_function(cls, py_func: Any, py_file: str) -> _UserCacheLocator:
+        return cls(py_func, py_file)
+
+
+class _UserCacheImpl(CompileResultCacheImpl):
+    _locator_classes: ClassVar[list] = [_UserCacheLocator]
+
+
+class _KernelCache(FunctionCache):
+    """numba's cache in the user's folder; an unreadable entry is a miss, not an error."""
+
+    _impl_class = _UserCacheImpl
+
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception:  # corrupt, truncated or foreign: start an empty index, compile
+            with contextlib.suppress(Exception):
+                self.flush()
+            return None
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        try:
+            super().save_overload(sig, data)
+        except Exception:  # a full disk must not stop an explanation
+            return
+
+
+_KERNEL_CACHE_DIR = kernel_cache_dir()
+if _KERNEL_CACHE_DIR is not None:
+    for _kernel in (_lay_out, _fill_tables, _explain_rows):
+        _kernel._cache = _KernelCache(_kernel.py_func)  # what njit(cache=True) sets
 
 
 # --- plots ----------------------------------------------------------------------------------

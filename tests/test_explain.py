@@ -332,3 +332,56 @@ def test_reported_size_and_build_time() -> None:
     # at most 2**8 rows of at most 8 features per region, 2 regions per depth-4 tree
     assert explainer.values.nbytes <= 90 * 2 * 2**8 * 8 * 8
     assert 0 < facts["build_s"] < 60
+
+
+_CACHE_PROBE = """
+import json, sys
+import numpy as np, xgboost
+from phenotyper import explain
+rng = np.random.default_rng(0)
+X = rng.normal(size=(200, 4))
+booster = xgboost.train({"max_depth": 3, "nthread": 1}, xgboost.DMatrix(X, X[:, 0]), 5)
+values = explain.shap_values(booster, X)
+kernels = (explain._lay_out, explain._fill_tables, explain._explain_rows)
+print(json.dumps({"folder": str(explain.kernel_cache_dir()),
+                  "hits": sum(sum(k.stats.cache_hits.values()) for k in kernels),
+                  "misses": sum(sum(k.stats.cache_misses.values()) for k in kernels),
+                  "sum": float(values.sum())}))
+"""
+
+
+def _probe_kernel_cache(cache_home) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(cache_home)}, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_compiled_kernels_are_cached_for_the_user_and_a_bad_entry_is_ignored(tmp_path) -> None:
+    """A second process loads the kernels instead of compiling them; a corrupt entry is
+    recompiled, not an error; a folder others can write to is not used (numba reads entries
+    with pickle)."""
+    first = _probe_kernel_cache(tmp_path)
+    folder = tmp_path / "phenotyper" / first["folder"].rsplit("/", 1)[-1]
+    assert first["folder"] == str(folder) and first["misses"] == 3 and first["hits"] == 0
+    assert (folder.stat().st_mode & 0o777) == 0o700
+    entries = sorted(folder.iterdir())
+    assert any(p.suffix == ".nbc" for p in entries)
+
+    second = _probe_kernel_cache(tmp_path)
+    assert (second["hits"], second["misses"]) == (3, 0)
+    assert second["sum"] == first["sum"]
+
+    for entry in entries:
+        entry.write_bytes(b"not a numba cache entry \x00\xff" * 7)
+    corrupt = _probe_kernel_cache(tmp_path)
+    assert corrupt["misses"] == 3 and corrupt["sum"] == first["sum"]
+    assert _probe_kernel_cache(tmp_path)["hits"] == 3  # the bad entries were replaced
+
+    folder.chmod(0o777)
+    shared = _probe_kernel_cache(tmp_path)
+    assert shared["folder"] == "None" and shared["hits"] == 0 and shared["sum"] == first["sum"]
