@@ -51,7 +51,7 @@ $(VENV)/.synced-$(PYTHON_VERSION): pyproject.toml uv.lock
 		rm -rf $(VENV); fi
 	test -x $(BIN)/python || "$(PYTHON)" -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(BIN)/uv sync --locked --inexact --extra spark --quiet
+	$(BIN)/uv sync --locked --inexact --extra spark --compile-bytecode --quiet
 	touch $@
 
 demo: setup
@@ -96,7 +96,7 @@ clean:
 	rm -rf $(VENV) $(OLDEST_VENV) data/simulated reports .pytest_cache
 
 bench: setup
-	$(BIN)/uv sync --locked --inexact --extra spark --group bench --quiet
+	$(BIN)/uv sync --locked --inexact --extra spark --group bench --compile-bytecode --quiet
 	$(BIN)/python benchmarks/simulate_speed.py
 	$(BIN)/python benchmarks/calibration_table.py
 	$(BIN)/python benchmarks/benchmark_speed.py
