@@ -12,14 +12,17 @@ software, not medicine). For each depth and batch size it times, in interleaved 
 - FastTreeSHAP v2 where it imports (it does not on numpy 2: the reason is recorded);
 - plain margin prediction, for scale.
 Every method gets the machine's cores (2 here) where it can use them. The slow anchors run on
-batches of at most `--anchor-rows`; a larger batch is compared with their speed on the largest
-batch they ran. It reports rows/s (medians), the median of the per-round ratios, the largest
-difference from `pred_contribs`, the tables' build time and memory, and each anchor's build.
+batches of at most `--anchor-rows`, and not on a batch one call would take over
+`--anchor-seconds` on (judged from their speed on the batch before); a batch they skip is
+compared with their speed on the largest batch they ran (`anchors_measured_on_rows`). It
+reports rows/s (medians), the median of the per-round ratios, the largest difference from
+`pred_contribs`, the tables' build time and memory, and each anchor's build.
 CPU only: XGBoost also has a GPU TreeSHAP, which this machine (no GPU) cannot measure.
 Writes benchmarks/results/shap_speed.json.
 
     .venv/bin/python benchmarks/shap_speed.py [--depths 4 6 8]
-        [--batches 1000 4000 40000 400000] [--anchor-rows 40000] [--rounds 3]
+        [--batches 1000 4000 40000 400000] [--anchor-rows 40000] [--anchor-seconds 30]
+        [--rounds 3]
 
 shapiq comes with the `bench` dependency group (`make bench` installs it).
 """
@@ -141,7 +144,8 @@ def _shap_layout(values: Any, expected: Any) -> np.ndarray:
     return np.concatenate([values, bias], axis=2)
 
 
-def measure(depth: int, batches: list[int], anchor_rows: int, rounds: int) -> dict:
+def measure(depth: int, batches: list[int], anchor_rows: int, anchor_seconds: float,
+            rounds: int) -> dict:
     booster, transform = _reference_model(depth)
     largest = max(batches)
     X_all = np.asarray(transform.transform(simulate("immunosep-screening", largest, seed=2)),
@@ -157,43 +161,41 @@ def measure(depth: int, batches: list[int], anchor_rows: int, rounds: int) -> di
                **anchors, "xgboost_margin": lambda X: booster.predict(
                    xgboost.DMatrix(X, missing=np.nan), output_margin=True)}
     by_batch: dict[str, Any] = {}
-    anchor_batch = None
+    largest_run: dict[str, tuple[int, list[float]]] = {}  # anchor: (rows, rows/s per round)
     for rows in batches:
         X = X_all[:rows]
-        timed = [m for m in methods if rows <= anchor_rows or m in (
-            "tables", "tables_one_shot", "xgboost_margin")]
+        timed = ["tables", "tables_one_shot", "xgboost_margin"] + [
+            name for name in anchors if rows <= anchor_rows and (
+                name not in largest_run or rows / statistics.median(largest_run[name][1])
+                <= anchor_seconds)]
         seconds: dict[str, list[float]] = {m: [] for m in timed}
         for _ in range(rounds):
             for name in timed:
                 seconds[name].append(_seconds(lambda name=name, X=X: methods[name](X)))
+        speed = {name: [rows / t for t in s] for name, s in seconds.items()}
         result: dict[str, Any] = {"rows_per_s": {
-            name: round(rows / statistics.median(s)) for name, s in seconds.items()}}
-        if rows <= anchor_rows:
-            anchor_batch = (rows, seconds)
+            name: round(statistics.median(v)) for name, v in speed.items()}}
+        ran = [name for name in anchors if name in seconds]
+        largest_run.update({name: (rows, speed[name]) for name in ran})
+        if "xgboost_pred_contribs" in ran:
             reference = anchors["xgboost_pred_contribs"](X)
             scale = max(1.0, float(np.abs(reference.sum(axis=2)).max()))
             errors = {"tables": float(np.abs(tables.shap_values(X) - reference).max())}
-            for name in anchors:
-                if name != "xgboost_pred_contribs":
-                    errors[name] = float(np.abs(methods[name](X[:1000]) - reference[:1000]).max())
+            for name in ran[1:]:
+                errors[name] = float(np.abs(methods[name](X[:1000]) - reference[:1000]).max())
             result["max_abs_difference_from_pred_contribs"] = errors
             result["difference_over_bar"] = errors["tables"] / (TOLERANCE * scale)
-        ratios: dict[str, float] = {}
-        base_rows, base = anchor_batch
-        for name in anchors:
-            ours = [rows / s for s in seconds["tables"]]
-            theirs = [base_rows / s for s in base[name]]
-            ratios[name] = round(statistics.median(a / b for a, b in zip(
-                ours, theirs, strict=True)), 1)
-            if rows <= anchor_rows:
-                one_shot = [rows / s for s in seconds["tables_one_shot"]]
-                ratios[f"{name}_one_shot"] = round(statistics.median(a / b for a, b in zip(
-                    one_shot, theirs, strict=True)), 1)
-        result["speedup"] = ratios
-        if rows > anchor_rows:
-            result["anchors_measured_on_rows"] = base_rows
-        result["tables_vs_margin_prediction"] = round(statistics.median(
-            m / t for t, m in zip(seconds["tables"], seconds["xgboost_margin"], strict=True)), 2)
+
+        def ratio(ours: list[float], theirs: list[float]) -> float:
+            return round(statistics.median(a / b for a, b in zip(ours, theirs, strict=True)), 1)
+
+        result["speedup"] = {name: ratio(speed["tables"], largest_run[name][1])
+                             for name in largest_run}
+        result["speedup_one_shot"] = {name: ratio(speed["tables_one_shot"], speed[name])
+                                      for name in ran}
+        result["anchors_measured_on_rows"] = {name: n for name, (n, _) in largest_run.items()
+                                              if n != rows}
+        result["tables_vs_margin_prediction"] = ratio(speed["tables"], speed["xgboost_margin"])
         by_batch[str(rows)] = result
     return {
         "model": {"classes": groups, "rounds": booster.num_boosted_rounds(), "depth": depth,
@@ -213,6 +215,8 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1000, 4000, 40000, 400000])
     parser.add_argument("--anchor-rows", type=int, default=40_000)
+    parser.add_argument("--anchor-seconds", type=float, default=30.0,
+                        help="skip an anchor on a batch one call of it would take longer on")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     batches = sorted(args.batches)
@@ -224,10 +228,12 @@ def main() -> None:
         "code": code_version(), "targets": TARGETS,
         "gpu": "not measured: XGBoost has a GPU TreeSHAP; this machine has no GPU"}
     for depth in args.depths:
-        result = measure(depth, batches, args.anchor_rows, args.rounds)
+        result = measure(depth, batches, args.anchor_rows, args.anchor_seconds,
+                         args.rounds)
         results[f"depth_{depth}"] = result
         for rows, batch in result["batches"].items():
-            print(f"depth {depth} rows {rows}", batch["rows_per_s"], batch["speedup"])
+            print(f"depth {depth} rows {rows}", batch["rows_per_s"], batch["speedup"],
+                  batch["speedup_one_shot"])
         print(f"depth {depth} build", result["build_s"],
               f"tables {result['memory_bytes']['tables'] / 2**20:.1f} MiB", result["anchors"])
     print(write_results("shap_speed", results))
