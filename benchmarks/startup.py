@@ -30,6 +30,7 @@ from pathlib import Path
 
 from results_file import code_version, write_results  # benchmarks/ is on sys.path when run
 
+PACKAGE = Path(__file__).resolve().parent.parent / "phenotyper"
 HEAVY = ("numpy", "pandas", "pyarrow", "scipy", "sklearn", "matplotlib", "numba", "xgboost",
          "mlflow")
 COMMANDS = ("validate", "simulate", "benchmark", "train", "promote", "model-card", "serve",
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--score", action="store_true")
     args = parser.parse_args()
+    # as an installed package has it (pip compiles on install; PYTHONDONTWRITEBYTECODE, set
+    # on some machines, would otherwise make every run compile phenotyper from source)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(PACKAGE)], check=True)
 
     with tempfile.TemporaryDirectory() as folder:
         cohort = Path(folder) / "cohort.csv"
