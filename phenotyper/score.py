@@ -25,7 +25,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -118,43 +119,57 @@ def row_checks(block: Cohort, features: list[str]) -> pd.DataFrame:
             at = first_kind.index.to_numpy()
             kind[at] = first_kind.to_numpy()
             status[at] = NOT_SCORED + ": " + status[at].astype(str)
+    # the ids as read (no copy), the texts as objects (pandas would make Arrow strings of them
+    # here and the writer again)
     return pd.DataFrame({
         ROW: np.arange(block.first_row, block.first_row + n, dtype=np.int64),
-        PATIENT_ID: block.data[PATIENT_ID].to_numpy(dtype=object),
-        SITE_ID: block.data[SITE_ID].to_numpy(dtype=object),
-        READER_STATUS: status, READER_KIND: kind, ISSUES: issues})
+        PATIENT_ID: block.data[PATIENT_ID].array, SITE_ID: block.data[SITE_ID].array,
+        **{name: pd.Series(values, dtype=object) for name, values in (
+            (READER_STATUS, status), (READER_KIND, kind), (ISSUES, issues))}})
 
 
 @dataclass(frozen=True)
 class ScoredBlock:
     """One block of output in contract form, and the kind behind each row's status."""
 
-    frame: pd.DataFrame
+    table: pa.Table  # the output schema's columns
     status_kind: np.ndarray  # "ok", a reader issue kind, or MODEL_REJECTED
+
+
+CHECKED = (ROW, PATIENT_ID, SITE_ID, ISSUES)  # output columns taken from the row checks
 
 
 def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> ScoredBlock:
     """The model's output for a block in contract form: reader-rejected rows unscored, the
-    row number, site and issues added, columns in schema order (both engines)."""
-    out = scored.reset_index(drop=True).copy()
+    row number, site and issues added, columns in schema order (both engines).
+
+    Built in Arrow, column by column (a missing number is null, as pandas' NaN becomes in
+    Arrow): the text columns stay Arrow strings from the model to the file, never a Python
+    object per cell."""
+    model = pa.Table.from_pandas(scored, preserve_index=False, nthreads=1)
+    reader = pa.Table.from_pandas(checks[[*CHECKED, READER_STATUS]], preserve_index=False,
+                                  nthreads=1)
     reader_status = checks[READER_STATUS].to_numpy(dtype=object)
     rejected = reader_status != OK
-    model_status = out["status"].to_numpy(dtype=object)
-    out["status"] = np.where(rejected, reader_status, model_status)
-    unscored = rejected | (model_status != OK)
-    # a row the model did not score has no phenotype (under pandas 3, MLflow's Spark UDF
+    unscored = rejected | ~pc.equal(model["status"], OK).to_numpy(zero_copy_only=False)
+    # (where, value) per column the reader's or the model's rejection overrides
+    # (a row the model did not score has no phenotype: under pandas 3, MLflow's Spark UDF
     # returns a missing string as the text 'nan')
-    out.loc[unscored, "phenotype"] = None
-    if rejected.any():
-        numeric = [f.name for f in schema if f.name.startswith(("prob_", "shap_"))]
-        out.loc[rejected, numeric] = np.nan
-        if "top_drivers" in out:
-            out.loc[rejected, "top_drivers"] = ""
-    for column in (ROW, PATIENT_ID, SITE_ID, ISSUES):
-        out[column] = checks[column].to_numpy()
+    overrides = {"phenotype": (unscored, None), "top_drivers": (rejected, ""),
+                 "status": (rejected, reader[READER_STATUS])}
+    columns = []
+    for column in schema:
+        values = (reader if column.name in CHECKED else model)[column.name].cast(column.type)
+        where, value = overrides.get(column.name, (
+            rejected if column.name.startswith(("prob_", "shap_")) else None, None))
+        if where is not None and where.any():
+            value = value.cast(column.type) if isinstance(value, pa.ChunkedArray) else (
+                pa.scalar(value, column.type))
+            values = pc.if_else(where, value, values)
+        columns.append(values)
     kind = np.where(rejected, checks[READER_KIND].to_numpy(dtype=object),
                     np.where(unscored, MODEL_REJECTED, OK))
-    return ScoredBlock(out[schema.names], kind)
+    return ScoredBlock(pa.Table.from_arrays(columns, schema=schema), kind)
 
 
 # --- summary: what the manifest and report say about the whole output -------------------------
@@ -179,41 +194,52 @@ class ScoreSummary:
     unscored_examples: list = field(default_factory=list)
     issue_rows: int = 0
 
-    def add(self, out: pd.DataFrame, status_kind: np.ndarray) -> None:
+    def add(self, out: pa.Table, status_kind: np.ndarray) -> None:
+        """Count one block of output (ScoredBlock.table): every tally a whole column at a
+        time, names kept in the order they first appear (the order the counts are listed)."""
         self.rows += len(out)
-        self.by_status.update(status_kind.tolist())
-        model = out["phenotype"].fillna(NOT_SCORED).to_numpy(dtype=object)
-        rule = out["rule_phenotype"].fillna(INDETERMINATE).to_numpy(dtype=object)
-        self.phenotypes.update(model.tolist())
-        self.rule.update(rule.tolist())
-        pairs = pd.DataFrame({"rule": rule, "model": model, ROW: out[ROW].to_numpy()})
-        for (rule_name, model_name), rows in pairs.groupby(["rule", "model"], sort=False)[ROW]:
-            self.agreement[(rule_name, model_name)] += len(rows)
-            known = self.agreement_rows.setdefault((rule_name, model_name), [])
-            known.extend(rows.head(AGREEMENT_EXAMPLES - len(known)).tolist())
-        site = out[SITE_ID].fillna("(no site)").to_numpy(dtype=object)
-        for (site_name, model_name), count in pd.Series(model).groupby(
-                [site, model]).size().items():
-            self.sites.setdefault(site_name, Counter())[model_name] += int(count)
+        kinds, kind_names = _codes(pa.array(status_kind, pa.string()))
+        _tally(self.by_status, kind_names, kinds)
+        model, model_names = _codes(out["phenotype"], NOT_SCORED)
+        rule, rule_names = _codes(out["rule_phenotype"], INDETERMINATE)
+        _tally(self.phenotypes, model_names, model)
+        _tally(self.rule, rule_names, rule)
+        row = out[ROW].to_numpy()
+        pair = rule * len(model_names) + model
+        _, first = np.unique(pair, return_index=True)
+        for code in pair[np.sort(first)]:  # pairs in the order they first appear
+            key = (rule_names[code // len(model_names)], model_names[code % len(model_names)])
+            where = np.flatnonzero(pair == code)
+            self.agreement[key] += len(where)
+            known = self.agreement_rows.setdefault(key, [])
+            known.extend(row[where[:max(AGREEMENT_EXAMPLES - len(known), 0)]].tolist())
+        site, site_names = _codes(out[SITE_ID], "(no site)")
+        by_site = np.bincount(site * len(model_names) + model,
+                              minlength=len(site_names) * len(model_names))
+        for site_name, model_name, count in sorted(
+                (site_names[code // len(model_names)], model_names[code % len(model_names)],
+                 count) for code, count in enumerate(by_site.tolist()) if count):
+            self.sites.setdefault(site_name, Counter())[model_name] += count
         scored = (status_kind == OK)
         edges = np.linspace(0, 1, PROBABILITY_BINS + 1)
         for name in self.classes:
             counts, _ = np.histogram(out[f"prob_{name}"].to_numpy()[scored], bins=edges)
             self.histograms[name] = self.histograms.get(name, 0) + counts
         shap_columns = [f"shap_{name}" for name in self.features]
-        if all(column in out for column in shap_columns):
-            values = np.abs(out.loc[scored, shap_columns].to_numpy(dtype=float))
+        if all(column in out.column_names for column in shap_columns):
+            values = np.abs(np.column_stack([out[column].to_numpy() for column in shap_columns]
+                                            )[scored])
             values = values[np.isfinite(values).all(axis=1)]
             total = values.sum(axis=0)
             self.shap_abs_sum = total if self.shap_abs_sum is None else self.shap_abs_sum + total
             self.explained += len(values)
         if len(self.unscored_examples) < EXAMPLES and not scored.all():
-            rows = out.loc[~scored, [ROW, PATIENT_ID, "status"]].head(
-                EXAMPLES - len(self.unscored_examples))
+            rows = out.select([ROW, PATIENT_ID, "status"]).take(
+                np.flatnonzero(~scored)[:EXAMPLES - len(self.unscored_examples)])
             self.unscored_examples += [
-                {"row": int(r), "patient_id": p if isinstance(p, str) else None, "status": s}
-                for r, p, s in rows.itertuples(index=False)]
-        self.issue_rows += int((out[ISSUES] != "").sum())
+                {"row": r, "patient_id": p, "status": s} for r, p, s in zip(
+                    *(rows[name].to_pylist() for name in rows.column_names), strict=True)]
+        self.issue_rows += len(out) - (pc.sum(pc.equal(out[ISSUES], "")).as_py() or 0)
 
     def mean_abs_shap(self) -> dict[str, float]:
         """Mean |contribution| to the predicted class's logit per feature, largest first."""
@@ -240,6 +266,25 @@ class ScoreSummary:
             "unscored_examples": self.unscored_examples,
             "mean_abs_shap": self.mean_abs_shap(),
         }
+
+
+def _codes(values: pa.Array | pa.ChunkedArray, missing: str | None = None
+           ) -> tuple[np.ndarray, list[str]]:
+    """Each cell's code and the distinct texts in the order they first appear; a missing
+    cell counts as the text `missing`."""
+    if missing is not None:
+        values = pc.fill_null(values, missing)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    encoded = pc.dictionary_encode(values)
+    return (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+            encoded.dictionary.to_pylist())
+
+
+def _tally(counter: Counter, names: list[str], codes: np.ndarray) -> None:
+    """Add the count of each code to `counter` under its name, in the names' order."""
+    counter.update(dict(zip(names, np.bincount(codes, minlength=len(names)).tolist(),
+                            strict=True)))
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -358,12 +403,12 @@ def score_file(request: ScoreRequest, on_rows: Callable[[int], None] | None = No
         temporary = publish.enter_context(atomic_path(request.output_path))
         with closing(outputs), _writer(temporary, schema, csv) as write:
             for block in outputs:
+                with timer.stage("write"):  # waiting for the previous block's write
+                    write(block.table)
                 with timer.stage("summarise"):
-                    summary.add(block.frame, block.status_kind)
-                with timer.stage("write"):
-                    write(pa.Table.from_pandas(block.frame, schema=schema, preserve_index=False))
+                    summary.add(block.table, block.status_kind)
                 if on_rows is not None:
-                    on_rows(len(block.frame))
+                    on_rows(len(block.table))
         if summary.rows != rows_in:  # never publish an output that lost or invented rows
             raise RuntimeError(f"scoring wrote {summary.rows} rows for {rows_in} input rows")
         total = time.perf_counter() - started
@@ -418,10 +463,27 @@ def _read_ahead(blocks: Iterator[Any]) -> Iterator[Any]:
 
 @contextmanager
 def _writer(path: Path, schema: pa.Schema, csv: bool) -> Iterator[Callable[[pa.Table], None]]:
-    """A streaming CSV or Parquet writer into `path`."""
+    """A streaming CSV or Parquet writer into `path`, writing in a thread: Arrow encodes and
+    compresses without the GIL, so a block is written while the next one is scored. Blocks
+    are written one at a time in the order given; `write` first waits for the previous one
+    (raising its error), and leaving waits for the last, so the file is complete (or the
+    error raised) before the writer closes."""
     writer = pa_csv.CSVWriter(str(path), schema) if csv else pq.ParquetWriter(str(path), schema)
+    pending: list[Future] = []
+
+    def write(table: pa.Table) -> None:
+        while pending:
+            pending.pop().result()
+        pending.append(pool.submit(writer.write_table, table))
+
     try:
-        yield writer.write_table
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as pool:
+            try:
+                yield write
+            finally:
+                done = pending.pop().exception() if pending else None
+            if done is not None:
+                raise done
     finally:
         writer.close()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -101,6 +102,42 @@ def test_scores_equal_the_model_on_the_whole_file_whatever_the_block_size(store,
     np.testing.assert_allclose(whole[numeric], expected[numeric], rtol=0, atol=1e-12)
     np.testing.assert_allclose(blocks[numeric], expected[numeric], rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_blocks_written_in_the_background_come_out_in_order(store, tmp_path, suffix):
+    """The writer thread writes block after block while the next is scored: the file is the
+    one a single block gives."""
+    cohort = tmp_path / "cohort.parquet"
+    simulate("provide", 1200, seed=12).to_parquet(cohort)
+    one, many = tmp_path / f"one{suffix}", tmp_path / f"many{suffix}"
+    _score(store, cohort, one, block_rows=10_000)
+    _score(store, cohort, many, block_rows=100)
+    read = pd.read_parquet if suffix == ".parquet" else pd.read_csv
+    pd.testing.assert_frame_equal(read(many), read(one))
+
+
+def test_a_failed_background_write_stops_the_run_and_leaves_nothing(store, tmp_path,
+                                                                     monkeypatch):
+    cohort = tmp_path / "cohort.parquet"
+    simulate("provide", 1200, seed=12).to_parquet(cohort)
+    output = tmp_path / "scored.parquet"
+    output.write_text("previous results\n")
+    written = []
+    original = pq.ParquetWriter.write_table
+
+    def failing(self, table, *args, **kwargs):
+        written.append(len(table))
+        if len(written) == 4:
+            raise OSError(28, "No space left on device")
+        return original(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
+    with pytest.raises(OSError, match="No space left"):
+        _score(store, cohort, output, block_rows=100)
+    assert len(written) in (4, 5)  # the failure surfaces at the next block or at the end
+    assert output.read_text() == "previous results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort.parquet", "scored.parquet"]
 
 # MESSY as it is (Arrow's reader reads it all), and with a blank line and a line of spaces
 # (Arrow's reader hands over to pandas' from the block of the line of spaces on).

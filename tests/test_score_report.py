@@ -16,6 +16,7 @@ import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from phenotyper import report
@@ -237,7 +238,8 @@ def test_many_sites_show_the_largest_and_data_text_is_escaped():
         **{f"prob_{name}": probabilities[:, i] for i, name in enumerate(classes)},
         "rule_phenotype": "MALS", "status": "ok", "issues": ""})
     summary = ScoreSummary(classes=classes, features=["ferritin_ng_ml"])
-    summary.add(frame, np.full(n, "ok", dtype=object))
+    summary.add(pa.Table.from_pandas(frame, preserve_index=False),
+                np.full(n, "ok", dtype=object))
     manifest = {"input": "<export>.csv", "input_sha256": "0" * 64, "mapping": None,
                 "model": {"uri": MODEL, "name": "batchmodel", "version": "1", "run_id": "r"},
                 "engine": "local", "explain": "none", "rows_in": n, "rows_out": n,
