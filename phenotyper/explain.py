@@ -358,23 +358,23 @@ _S, _OBJECT, _OBJECT_END, _ARRAY, _ARRAY_END, _TYPED, _COUNTED, _INT64 = b"S{}[]
 _TREE_ARRAYS = (("left_children", np.int64), ("right_children", np.int64),
                 ("split_indices", np.int64), ("split_conditions", np.float32),
                 ("default_left", np.bool_), ("sum_hessian", np.float64))
-_LAYOUT_ARRAYS = (("node_feature", np.int64), ("node_threshold", np.float32),
-                  ("node_default_left", np.bool_), ("tree_region_start", np.int64),
-                  ("region_bit_start", np.int64), ("region_bit_count", np.int64),
-                  ("region_bit_node", np.int64), ("region_slot_start", np.int64),
-                  ("region_width", np.int64), ("region_slot_feature", np.int64),
-                  ("region_table_start", np.int64))
-_LEAF_ARRAYS = (("leaf_region", np.int64), ("leaf_value", np.float64),
-                ("leaf_path_start", np.int64), ("leaf_path_count", np.int64),
-                ("path_bit", np.int64), ("path_left", np.bool_), ("path_slot", np.int64),
-                ("path_ratio", np.float64))
-# which count of _lay_out's sizes each array takes (the tree starts take trees + 1)
-_SIZE_OF = {"node_feature": 0, "node_threshold": 0, "node_default_left": 0,
-            "region_bit_start": 1, "region_bit_count": 1, "region_slot_start": 1,
-            "region_width": 1, "region_table_start": 1, "region_bit_node": 2,
-            "region_slot_feature": 3, "leaf_region": 4, "leaf_value": 4, "leaf_path_start": 4,
-            "leaf_path_count": 4, "path_bit": 5, "path_left": 5, "path_slot": 5,
-            "path_ratio": 5}
+# What `_lay_out` counts, in the order it returns the counts...
+_COUNTS = ("splits", "regions", "region_bits", "slots", "leaves", "steps", "table")
+# ...and the arrays it writes, with the count each one's length is ("trees" is trees + 1).
+_LAYOUT_ARRAYS = (("node_feature", np.int64, "splits"), ("node_threshold", np.float32, "splits"),
+                  ("node_default_left", np.bool_, "splits"),
+                  ("tree_region_start", np.int64, "trees"),
+                  ("region_bit_start", np.int64, "regions"),
+                  ("region_bit_count", np.int64, "regions"),
+                  ("region_bit_node", np.int64, "region_bits"),
+                  ("region_slot_start", np.int64, "regions"),
+                  ("region_width", np.int64, "regions"),
+                  ("region_slot_feature", np.int64, "slots"),
+                  ("region_table_start", np.int64, "regions"))
+_LEAF_ARRAYS = (("leaf_region", np.int64, "leaves"), ("leaf_value", np.float64, "leaves"),
+                ("leaf_path_start", np.int64, "leaves"), ("leaf_path_count", np.int64, "leaves"),
+                ("path_bit", np.int64, "steps"), ("path_left", np.bool_, "steps"),
+                ("path_slot", np.int64, "steps"), ("path_ratio", np.float64, "steps"))
 
 
 def _layout(trees: list[dict], n_features: int, max_region_bits: int
@@ -386,13 +386,14 @@ def _layout(trees: list[dict], n_features: int, max_region_bits: int
                            or [np.empty(0, dtype)]).astype(dtype, copy=False)
             for name, dtype in _TREE_ARRAYS]
     named = (*_LAYOUT_ARRAYS, *_LEAF_ARRAYS)
-    nothing = [np.empty(0, dtype) for _, dtype in named]
-    sizes = _lay_out(starts, *flat, max_region_bits, n_features, False, *nothing)
-    arrays = [np.empty(len(trees) + 1 if name == "tree_region_start" else sizes[_SIZE_OF[name]],
-                       dtype) for name, dtype in named]
+    nothing = [np.empty(0, dtype) for _, dtype, _ in named]
+    counts = dict(zip(_COUNTS, _lay_out(starts, *flat, max_region_bits, n_features, False,
+                                        *nothing), strict=True))
+    counts["trees"] = len(trees) + 1
+    arrays = [np.empty(counts[count], dtype) for _, dtype, count in named]
     _lay_out(starts, *flat, max_region_bits, n_features, True, *arrays)
-    layout = dict(zip((name for name, _ in _LAYOUT_ARRAYS), arrays, strict=False))
-    return layout, tuple(arrays[len(_LAYOUT_ARRAYS):]), int(sizes[6])
+    layout = {name: array for (name, _, _), array in zip(_LAYOUT_ARRAYS, arrays, strict=False)}
+    return layout, tuple(arrays[len(_LAYOUT_ARRAYS):]), int(counts["table"])
 
 
 @njit(nogil=True, cache=False)
@@ -409,7 +410,7 @@ def _lay_out(tree_node_start, left, right, split_index, split_condition, default
     A region is the largest subtree whose split nodes plus its ancestors number at most
     `max_region_bits` (a leaf on its own if none is that small); its table is indexed by the
     directions at those nodes and holds its leaves' summed contributions to its features.
-    Returns (split nodes, regions, region bits, region slots, leaves, path steps, table size).
+    Returns the counts `_COUNTS` names.
     """
     widest = 1
     for t in range(len(tree_node_start) - 1):
