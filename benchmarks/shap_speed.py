@@ -23,6 +23,7 @@ Writes benchmarks/results/shap_speed.json.
     .venv/bin/python benchmarks/shap_speed.py [--depths 4 6 8]
         [--batches 1000 4000 40000 400000] [--anchor-rows 40000] [--anchor-seconds 30]
         [--rounds 3]
+    .venv/bin/python benchmarks/shap_speed.py --table-from benchmarks/results/shap_speed.json
 
 shapiq comes with the `bench` dependency group (`make bench` installs it).
 """
@@ -30,11 +31,13 @@ shapiq comes with the `bench` dependency group (`make bench` installs it).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -210,6 +213,53 @@ def measure(depth: int, batches: list[int], anchor_rows: int, anchor_seconds: fl
     }
 
 
+ANCHOR_NAMES = {"xgboost_pred_contribs": "XGBoost `pred_contribs`",
+                "shap_tree_explainer": "`shap.TreeExplainer`",
+                "shapiq_shapiq": "shapiq TreeSHAP", "shapiq_woodelf": "shapiq Woodelf"}
+
+
+def markdown_table(results: dict) -> str:
+    """The README's table: rows/s per method, depth and batch, the tables' speed-up over each
+    anchor (pre-built; one-shot in brackets) and the largest difference from pred_contribs."""
+    versions = results["versions"]
+    lines = [f"XGBoost {versions['xgboost']}, Python {versions['python']}, numpy "
+             f"{versions['numpy']}, shap {versions['shap']}; rows/s, and in the anchors' columns "
+             "the tables' speed-up pre-built (one-shot: build + explain)", "",
+             "| depth | rows | tables | one-shot | margin only | " + " | ".join(
+                 ANCHOR_NAMES.values()) + " | max abs diff |",
+             "|---" * (5 + len(ANCHOR_NAMES)) + "|---|"]
+    for key in sorted(k for k in results if k.startswith("depth_")):
+        depth = results[key]
+        for rows, batch in depth["batches"].items():
+            speed, cells = batch["rows_per_s"], []
+            for name in ANCHOR_NAMES:
+                if name not in batch["speedup"]:
+                    cells.append("not installed")
+                    continue
+                cell = f"{batch['speedup'][name]:.0f}x"
+                if name in batch["speedup_one_shot"]:
+                    cell = f"{speed[name]:,} ({cell}; {batch['speedup_one_shot'][name]:.1f}x)"
+                else:
+                    cell += f" (vs {batch['anchors_measured_on_rows'][name]:,} rows)"
+                cells.append(cell)
+            difference = batch.get("max_abs_difference_from_pred_contribs", {}).get("tables")
+            lines.append(f"| {depth['model']['depth']} | {int(rows):,} | {speed['tables']:,} | "
+                         f"{speed['tables_one_shot']:,} | {speed['xgboost_margin']:,} | "
+                         + " | ".join(cells) + " | "
+                         + (f"{difference:.1e}" if difference is not None else "") + " |")
+    lines.append("")
+    lines.append("| depth | trees | regions | build (s) | first build in a process (s) | "
+                 "tables' memory (MiB) |")
+    lines.append("|---|---|---|---|---|---|")
+    for key in sorted(k for k in results if k.startswith("depth_")):
+        depth = results[key]
+        lines.append(f"| {depth['model']['depth']} | {depth['model']['trees']} | "
+                     f"{depth['model']['regions']:,} | {depth['build_s']['median']} | "
+                     f"{depth['build_s']['first_in_process']} | "
+                     f"{depth['memory_bytes']['tables'] / 2**20:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8])
@@ -218,7 +268,12 @@ def main() -> None:
     parser.add_argument("--anchor-seconds", type=float, default=30.0,
                         help="skip an anchor on a batch one call of it would take longer on")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--table-from", type=Path,
+                        help="print the README table of a results file and stop")
     args = parser.parse_args()
+    if args.table_from:
+        print(markdown_table(json.loads(args.table_from.read_text())))
+        return
     batches = sorted(args.batches)
     if batches[0] > args.anchor_rows:
         parser.error("the smallest batch must be at most --anchor-rows")
@@ -237,6 +292,7 @@ def main() -> None:
         print(f"depth {depth} build", result["build_s"],
               f"tables {result['memory_bytes']['tables'] / 2**20:.1f} MiB", result["anchors"])
     print(write_results("shap_speed", results))
+    print(markdown_table(results))
 
 
 if __name__ == "__main__":
