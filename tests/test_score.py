@@ -196,7 +196,9 @@ def test_a_failure_deep_in_the_file_leaves_no_output_and_the_old_file_intact(sto
 
 def test_ctrl_c_leaves_nothing_at_the_destination_and_says_so(store, tmp_path):
     cohort = tmp_path / "cohort.parquet"
-    simulate("provide", 60_000, seed=4).to_parquet(cohort)
+    # enough rows that scoring lasts seconds after the write starts, so the signal lands
+    # mid-run however fast the scoring machine is
+    simulate("provide", 200_000, seed=4).to_parquet(cohort)
     output = tmp_path / "scored.parquet"
     process = subprocess.Popen(
         [sys.executable, "-m", "phenotyper.cli", "score", "--model", MODEL, "--input",
@@ -208,6 +210,7 @@ def test_ctrl_c_leaves_nothing_at_the_destination_and_says_so(store, tmp_path):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert process.poll() is None, "scoring ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
