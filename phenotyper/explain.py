@@ -9,7 +9,7 @@ with the split directions of its ancestors) is compiled once into a table indexe
 direction bits of its split nodes; explaining a row is then a few comparisons, an index and a
 handful of table reads per region, done for a block of rows at a time while the tree's tables
 sit in cache. The tables are plain float64 arrays, laid out and filled by compiled kernels
-from the arrays of the booster's binary (UBJSON) model: about 80 ms for 900 depth-4 trees,
+from the arrays of the booster's binary (UBJSON) model: about 60 ms for 900 depth-4 trees,
 0.12 s at depth 6 (2 cores). Their size is bounded (`max_table_bytes`) and reported.
 
 DART's dropout weights scale each tree's leaves. Models outside what the tables cover
