@@ -200,11 +200,16 @@ def test_ctrl_c_leaves_nothing_at_the_destination_and_says_so(store, tmp_path):
     # mid-run however fast the scoring machine is
     simulate("provide", 200_000, seed=4).to_parquet(cohort)
     output = tmp_path / "scored.parquet"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "phenotyper.cli", "score", "--model", MODEL, "--input",
-         str(cohort), "--output", str(output), "--block-rows", "500"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"})
+    # a child inherits an ignored SIGINT (as under `nohup ... &`): give it Ctrl-C as a terminal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "phenotyper.cli", "score", "--model", MODEL, "--input",
+             str(cohort), "--output", str(output), "--block-rows", "500"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".scored.parquet.*.tmp")):  # the write has started
         assert process.poll() is None, process.communicate()
