@@ -14,7 +14,7 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
 
-from phenotyper.contract import BLOCK_ROWS
+from phenotyper.contract import BLOCK_ROWS, DEFAULT_MODEL_URI, SYNTHETIC_BANNER
 from phenotyper.presets import available_presets
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ def model_card(
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="MLflow model URI to serve.")] =
-        "models:/immunophenotyper@champion",
+        DEFAULT_MODEL_URI,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless told.")] =
         "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 5001,
@@ -280,7 +280,7 @@ def score(
     output: Annotated[Path, typer.Option(
         help="Scored file: .parquet or .csv. A manifest (.manifest.json) is written beside it.")],
     model: Annotated[str, typer.Option(help="MLflow model URI.")] =
-        "models:/immunophenotyper@champion",
+        DEFAULT_MODEL_URI,
     mapping: Annotated[Path | None, typer.Option(
         help="TOML mapping of the cohort's columns and units.")] = None,
     engine: Annotated[str, typer.Option(
@@ -360,7 +360,7 @@ def explain_patient(
     patient: Annotated[str, typer.Option(help="The patient_id to explain.")],
     output: Annotated[Path, typer.Option(help="PNG file for the waterfall plot.")],
     model: Annotated[str, typer.Option(help="MLflow model URI.")] =
-        "models:/immunophenotyper@champion",
+        DEFAULT_MODEL_URI,
     mapping: Annotated[Path | None, typer.Option(
         help="TOML mapping of the cohort's columns and units.")] = None,
 ) -> None:
@@ -450,8 +450,7 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
                 table.add_row(words, *cells)
         console.print(table)
     if result.meta.get("synthetic"):
-        console.print(Text("SYNTHETIC DATA: these numbers check the software; they are not "
-                           "clinical evidence.", style="bold yellow"))
+        console.print(Text(SYNTHETIC_BANNER, style="bold yellow"))
     for key in ("warning", "label_warning"):
         if result.meta.get(key):
             console.print(Text(f"Warning: {result.meta[key]}", style="bold yellow"))

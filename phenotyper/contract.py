@@ -23,6 +23,12 @@ HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL = 5000.0
 # reversal criterion (> 8000): the looser cut-off users compare against.
 HLA_DR_MODERATE_MAB_PER_CELL = 8000.0
 
+# The registered model scoring, serving and explaining use unless told otherwise.
+DEFAULT_MODEL_URI = "models:/immunophenotyper@champion"
+# Said wherever numbers come from a synthetic cohort (reports, figures, the console).
+SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are not clinical "
+                    "evidence.")
+
 # Rows per block when a file is streamed (read, scored, written): memory stays flat whatever
 # the file's size.
 BLOCK_ROWS = 50_000

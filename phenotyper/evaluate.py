@@ -31,7 +31,7 @@ from sklearn.calibration import calibration_curve
 from phenotyper.contract import ANAKINRA, ARM_OF, ARMS, INTERFERON_GAMMA, PLACEBO
 from phenotyper.labels import LabelReading, read_labels, rule_derived_warning
 from phenotyper.outcomes import OutcomeError, OutcomeScorer, OutcomeSpec
-from phenotyper.panel import NUMERIC_MARKERS, PATIENT_ID, SITE_ID
+from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PATIENT_ID, SITE_ID
 from phenotyper.rules import (
     FERRITIN_MALS_NG_ML,
     HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL,
@@ -498,7 +498,7 @@ def remeasure(X: pd.DataFrame, cv_by_marker: Mapping[str, float], rng: np.random
     """The same patients measured again: each marker times log-normal noise of the given CV."""
     out = X.copy()
     for column in NUMERIC_MARKERS:
-        if column in out and column not in ("sofa", "age_years"):
+        if column in out and column not in LINEAR_SCALE_MARKERS:
             cv = cv_by_marker.get(column, cv_by_marker["other"])
             sd = np.sqrt(np.log1p(cv**2))
             out[column] = out[column].to_numpy(dtype=float) * np.exp(rng.normal(0, sd, len(out)))

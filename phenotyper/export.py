@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from phenotyper.contract import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL
-from phenotyper.models import LINEAR_SCALE_MARKERS, LogitRecalibrated, WeightedXGBClassifier
+from phenotyper.models import LogitRecalibrated, WeightedXGBClassifier
 from phenotyper.packaged import BOOSTER_FILE, FORMAT_VERSION, SPEC_FILE
-from phenotyper.panel import PANEL
+from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL
 
 
 def export(model: Any, folder: Path) -> Path:

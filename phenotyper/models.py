@@ -26,10 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 from xgboost import XGBClassifier
 
-from phenotyper.panel import NUMERIC_MARKERS, PANEL
-
-LINEAR_SCALE_MARKERS = frozenset({"sofa", "age_years"})
-_LOG_FLOOR = 1e-3  # log(x + floor): zero is a valid result for many lab tests
+from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PANEL, to_log_scale
 
 CANDIDATES = ("logistic", "xgboost")
 
@@ -61,7 +58,7 @@ class PanelFeatures(TransformerMixin, BaseEstimator):
                 continue
             values = pd.to_numeric(X[name], errors="coerce").to_numpy(dtype=float)
             if name in PANEL and name not in LINEAR_SCALE_MARKERS:
-                values = np.log(np.clip(values, 0, None) + _LOG_FLOOR)
+                values = to_log_scale(values)
             columns.append(values)
         return np.column_stack(columns) if columns else np.empty((len(X), 0))
 

@@ -24,13 +24,12 @@ import pandas as pd
 
 from phenotyper.explain import tree_explainer
 from phenotyper.immunosep import RULE_MARKERS, immunosep_phenotype
-from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES
+from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES, to_log_scale
 
 SPEC_FILE, BOOSTER_FILE = "phenotyper.json", "booster.ubj"
 FORMAT_VERSION = 1
 EXPLAIN_MODES = ("predicted", "all", "none")
 OK = "ok"
-_LOG_FLOOR = 1e-3  # as models.PanelFeatures
 
 
 class PackagedPhenotyper:
@@ -84,7 +83,7 @@ class PackagedPhenotyper:
                            else f"{name}={values[row]:g} is outside {low:g}-{high:g} {unit}")
                 status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
             X[:, j] = np.where(bad, np.nan, values)  # a rejected value never reaches the model
-        X[:, self._logged] = np.log(np.clip(X[:, self._logged], 0, None) + _LOG_FLOOR)
+        X[:, self._logged] = to_log_scale(X[:, self._logged])
         return X, status
 
     # --- logits and contributions -----------------------------------------------------------

@@ -1,13 +1,15 @@
 """The marker panel as data: canonical columns, units, unit conversions, plausible ranges.
 
 Everything that knows what a lab column means reads it from here, so the reader, the simulator
-and (later) the models agree on one contract. Canonical columns carry their unit in the name.
+and the models agree on one contract. Canonical columns carry their unit in the name.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+import numpy as np
 
 PATIENT_ID = "patient_id"
 SITE_ID = "site_id"
@@ -130,3 +132,14 @@ PANEL: dict[str, Marker] = {marker.column: marker for marker in MARKERS}
 NUMERIC_MARKERS: tuple[str, ...] = tuple(m.column for m in MARKERS if m.is_numeric)
 # Columns the reader recognises without a mapping: markers plus identifiers.
 CANONICAL_COLUMNS: tuple[str, ...] = (PATIENT_ID, SITE_ID, *PANEL)
+
+# The model scale: lab markers are modelled (and simulated) on log scale, their distributions
+# being log-normal-like and their effects multiplicative; SOFA and age stay linear. Training
+# and the packaged model both take it from here, so their features cannot drift apart.
+LINEAR_SCALE_MARKERS = frozenset({"sofa", "age_years"})
+LOG_FLOOR = 1e-3  # log(x + floor): zero is a valid result for many lab tests
+
+
+def to_log_scale(values: np.ndarray) -> np.ndarray:
+    """A lab marker's values on the models' log scale (negative values clipped to zero)."""
+    return np.log(np.clip(values, 0, None) + LOG_FLOOR)

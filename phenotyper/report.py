@@ -29,6 +29,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 import phenotyper
 from phenotyper import markdown
 from phenotyper.cohort import IMPLAUSIBLE, NEGATIVE, UNKNOWN_CATEGORY, UNPARSEABLE
+from phenotyper.contract import SYNTHETIC_BANNER
 from phenotyper.evaluate import (
     ANAKINRA,
     INTERFERON_GAMMA,
@@ -66,10 +67,8 @@ DPI = 110
 RECORD_COLUMNS = ("phenotyper", "metric", "subgroup", "value", "ci_low", "ci_high")
 SYNTHETIC_NOTE = ("If the cohort is synthetic (e.g. from `phenotyper simulate`), these numbers "
                   "check the software; they are not clinical evidence.")
-# When the benchmark says its cohort is synthetic: the first line of benchmark.md, and the end
-# of every figure's title.
-SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are not clinical "
-                    "evidence.")
+# When the benchmark says its cohort is synthetic: SYNTHETIC_BANNER is the first line of
+# benchmark.md, and this ends every figure's title.
 SYNTHETIC_TITLE = " (synthetic data)"
 
 # Headline rows, in reading order, with the words a clinician reads them by.

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "models:/immunophenotyper@champion"
+from phenotyper.contract import DEFAULT_MODEL_URI
 
 
 def free_port() -> int:
@@ -67,7 +67,7 @@ def running_service(command: list[str], health_url: str, cwd: Path | None = None
 
 
 @contextmanager
-def running_server(model: str = DEFAULT_MODEL, cwd: Path | None = None,
+def running_server(model: str = DEFAULT_MODEL_URI, cwd: Path | None = None,
                    timeout_s: float = 120.0) -> Iterator[str]:
     """`phenotyper serve` on a free loopback port; yields its URL and stops it afterwards."""
     port = free_port()
@@ -104,7 +104,7 @@ def score(url: str, records: list[dict[str, Any]], explain: str | None = None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve a model, score one patient, stop.")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL_URI)
     args = parser.parse_args()
     patient = {"patient_id": "demo-1", "ferritin_ng_ml": 6100.0, "hla_dr_mab_per_cell": 7400.0,
                "platelets_10e9_l": 62.0, "fibrinogen_g_l": 1.9, "ast_u_l": 240.0,

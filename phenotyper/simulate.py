@@ -37,13 +37,12 @@ from phenotyper.contract import (
     TRUE_PHENOTYPE,
     potential_outcome_column,
 )
-from phenotyper.panel import PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
+from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
 from phenotyper.presets import available_presets
 from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, immunosep_phenotype
 
 FACTORS: tuple[str, ...] = ("inflammation", "immunosuppression", "organ_dysfunction")
 NOTE_KEYS: tuple[str, ...] = ("source", "assumption", "calibrated")
-LINEAR_SCALE = ("sofa", "age_years")
 LAB_MARKERS = tuple(column for column in PANEL if column != "sex")
 CYTOKINES = ("il6_pg_ml", "il10_pg_ml")
 AGE_MAX_YEARS = 100
@@ -204,7 +203,7 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
         loadings = np.array([law["loadings"].get(f, 0.0) for f in FACTORS])
         unique_sd = np.sqrt(1.0 - loadings @ loadings)
         z = factors @ loadings + unique_sd * rng.standard_normal(n)
-        if column in LINEAR_SCALE:
+        if column in LINEAR_SCALE_MARKERS:
             value = _per_phenotype(law["mean"])[phenotype_code] + law["sd"] * z
         else:
             log_value = np.log(_per_phenotype(law["median"]))[phenotype_code] + law["log_sd"] * z
@@ -651,7 +650,7 @@ def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:
     from scipy.stats import multivariate_normal
 
     law = load_preset(preset) if isinstance(preset, str) else preset
-    markers = [c for c in LAB_MARKERS if c not in LINEAR_SCALE]
+    markers = [c for c in LAB_MARKERS if c not in LINEAR_SCALE_MARKERS]
     dims = [*markers, "sofa"]
     loadings = np.array([[law[c]["loadings"].get(f, 0.0) for f in FACTORS] for c in dims])
     correlation = loadings @ loadings.T + np.diag(1.0 - (loadings**2).sum(axis=1))

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pytest
 
 from phenotyper import report
+from phenotyper.contract import SYNTHETIC_BANNER
 from phenotyper.score import ScoreRequest, ScoreSummary, score_file
 from phenotyper.simulate import simulate
 
@@ -151,7 +152,7 @@ def test_report_is_self_contained_and_its_numbers_are_the_manifests(scored):
     for source in page.image_sources:
         assert base64.b64decode(source.partition(",")[2]).startswith(PNG_SIGNATURE)
 
-    assert text.count(report.SYNTHETIC_BANNER) == 1
+    assert text.count(SYNTHETIC_BANNER) == 1
     for section in SECTIONS:
         assert f'<section id="{section}">' in text
     for fact in (manifest["input"], manifest["input_sha256"], manifest["model"]["uri"],
@@ -254,6 +255,6 @@ def test_many_sites_show_the_largest_and_data_text_is_escaped():
     assert f"{len(left_out)} smaller sites ({sum(left_out):,} rows) are left out" in text
     assert "&lt;b&gt;S&amp;1&lt;/b&gt;" in text and "<b>S&1</b>" not in text
     assert "&lt;export&gt;.csv" in text and "<export>" not in text
-    assert report.SYNTHETIC_BANNER not in text
+    assert SYNTHETIC_BANNER not in text
     assert re.search(r"<b>100\.0%</b><span>model agrees with the rule</span>", text)
     assert "Every row was scored." in text
