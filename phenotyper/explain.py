@@ -44,6 +44,7 @@ from numba.core.caching import (
 )
 
 from phenotyper import __version__
+from phenotyper.panel import sex_code
 
 if TYPE_CHECKING:
     from phenotyper.packaged import PackagedPhenotyper
@@ -814,7 +815,7 @@ def _values(model: PackagedPhenotyper, cohort: pd.DataFrame) -> np.ndarray:
     """Feature values as the patient has them (not log-transformed), for the plots' labels."""
     return np.column_stack([
         pd.to_numeric(cohort[f], errors="coerce").to_numpy(dtype=float) if f != "sex"
-        else (cohort[f].astype("string") == "M").astype(float).to_numpy()
+        else sex_code(cohort[f])  # a missing sex stays missing, not female
         for f in model.features]) if len(model.features) else np.empty((len(cohort), 0))
 
 

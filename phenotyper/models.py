@@ -26,7 +26,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 from xgboost import XGBClassifier
 
-from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PANEL, to_log_scale
+from phenotyper.panel import (
+    LINEAR_SCALE_MARKERS,
+    NUMERIC_MARKERS,
+    PANEL,
+    sex_code,
+    to_log_scale,
+)
 
 CANDIDATES = ("logistic", "xgboost")
 
@@ -53,8 +59,7 @@ class PanelFeatures(TransformerMixin, BaseEstimator):
         columns = []
         for name in self.features:
             if name == "sex":
-                sex = X[name].astype("string")
-                columns.append(np.where(sex == "M", 1.0, np.where(sex == "F", 0.0, np.nan)))
+                columns.append(sex_code(X[name]))
                 continue
             values = pd.to_numeric(X[name], errors="coerce").to_numpy(dtype=float)
             if name in PANEL and name not in LINEAR_SCALE_MARKERS:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from phenotyper.explain import tree_explainer
 from phenotyper.immunosep import RULE_MARKERS, immunosep_phenotype
-from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES, to_log_scale
+from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES, SEX_CODE, to_log_scale
 
 SPEC_FILE, BOOSTER_FILE = "phenotyper.json", "booster.ubj"
 FORMAT_VERSION = 1
@@ -258,7 +258,7 @@ def _sex(column: np.ndarray, status: list[str]) -> np.ndarray:
         if text != "" and sex is None:
             problem = f"sex {text!r} is not F or M"
             status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
-    value = np.array([{"M": 1.0, "F": 0.0}.get(sex, np.nan) for sex in sexes] + [np.nan])
+    value = np.array([SEX_CODE.get(sex, np.nan) for sex in sexes] + [np.nan])
     return value[codes]
 
 

@@ -7,6 +7,7 @@ and the models agree on one contract. Canonical columns carry their unit in the 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 PATIENT_ID = "patient_id"
 SITE_ID = "site_id"
 SEX_VALUES = ("F", "M")
+SEX_CODE: dict[str, float] = {"F": 0.0, "M": 1.0}  # sex on the models' scale
 
 # Spellings a lab export may use for sex; anything else is a row-level issue.
 SEX_ALIASES: dict[str, str] = {
@@ -143,3 +145,10 @@ LOG_FLOOR = 1e-3  # log(x + floor): zero is a valid result for many lab tests
 def to_log_scale(values: np.ndarray) -> np.ndarray:
     """A lab marker's values on the models' log scale (negative values clipped to zero)."""
     return np.log(np.clip(values, 0, None) + LOG_FLOOR)
+
+
+def sex_code(values: Iterable[object]) -> np.ndarray:
+    """Canonical sex ("F"/"M", as the reader gives it) as the models' 0/1; anything else,
+    a missing value included, NaN."""
+    return np.array([SEX_CODE.get(value, np.nan) if isinstance(value, str) else np.nan
+                     for value in values], dtype=float)

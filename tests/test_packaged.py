@@ -12,8 +12,8 @@ import shap
 
 from phenotyper.explain import TreeShapTables
 from phenotyper.export import export
-from phenotyper.models import LogitRecalibrated, build_candidate
-from phenotyper.packaged import OK, PackagedPhenotyper
+from phenotyper.models import LogitRecalibrated, PanelFeatures, build_candidate
+from phenotyper.packaged import OK, PackagedPhenotyper, _sex
 from phenotyper.panel import PANEL
 from phenotyper.simulate import simulate
 
@@ -192,3 +192,16 @@ def test_a_small_request_is_answered_as_the_same_rows_in_a_large_batch(cohorts, 
     if explain != "none":
         assert batch["top_drivers"].str.contains("=").sum() == 37
         assert batch.loc[5, "top_drivers"] == ""
+
+
+def test_sex_is_coded_alike_in_training_and_in_the_packaged_model() -> None:
+    """One coding (panel.SEX_CODE): M 1, F 0, a missing sex missing (never female), in the
+    training transform and the packaged model's reading of the same canonical values."""
+    values = ["F", "M", None, "M"]
+    trained = PanelFeatures(["sex"]).fit(pd.DataFrame({"sex": values})).transform(
+        pd.DataFrame({"sex": values}))[:, 0]
+    status = [OK] * len(values)
+    packaged = _sex(np.array(values, dtype=object), status)
+    np.testing.assert_array_equal(trained, [0.0, 1.0, np.nan, 1.0])
+    np.testing.assert_array_equal(packaged, trained)
+    assert status == [OK] * len(values)
