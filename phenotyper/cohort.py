@@ -256,7 +256,7 @@ class CohortFile:
     leading_blank_lines: int = 0
     block_rows: int | None = BLOCK_ROWS  # None: the whole file as one block
     trial_sources: dict[str, ColumnSource] = field(default_factory=dict)  # TRIAL_COLUMNS mapped
-    csv_reader: str = "pandas"  # "arrow": Arrow's reader while it reads the file as pandas' does
+    csv_reader: str = "arrow"  # or "pandas" (CSV_READERS; open_cohort says when each is used)
 
     @property
     def columns(self) -> dict[str, str]:

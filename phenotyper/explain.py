@@ -384,7 +384,7 @@ def _layout(trees: list[dict], n_features: int, max_region_bits: int
     starts = np.zeros(len(trees) + 1, np.int64)
     starts[1:] = np.cumsum([len(tree["left_children"]) for tree in trees])
     flat = [np.concatenate([np.asarray(tree[name]).astype(dtype, copy=False) for tree in trees]
-                           or [np.empty(0, dtype)]).astype(dtype, copy=False)
+                           or [np.empty(0, dtype)])
             for name, dtype in _TREE_ARRAYS]
     named = (*_LAYOUT_ARRAYS, *_LEAF_ARRAYS)
     nothing = [np.empty(0, dtype) for _, dtype, _ in named]
