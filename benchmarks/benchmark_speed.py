@@ -20,8 +20,8 @@ from results_file import write_results  # benchmarks/ is on sys.path when run
 from sklearn.metrics import roc_auc_score
 
 from phenotyper.cohort import read_cohort, write_table
-from phenotyper.evaluate import benchmark
-from phenotyper.report import write_benchmark
+from phenotyper.evaluate.benchmark import benchmark
+from phenotyper.report.benchmark import write_benchmark
 from phenotyper.rules import reference_rules
 from phenotyper.simulate import simulate
 

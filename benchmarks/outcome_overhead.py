@@ -38,15 +38,9 @@ import numpy as np
 from results_file import code_version, write_results  # benchmarks/ is on sys.path when run
 
 from phenotyper.contract import DEATH_28D, SOFA_RESPONSE, TREATMENT_PROBABILITY, TRUE_PHENOTYPE
-from phenotyper.evaluate import (
-    _interval,
-    benchmark,
-    bootstrap_weights,
-    predict,
-    resampling_groups,
-)
-from phenotyper.models import build_candidate
-from phenotyper.outcomes import (
+from phenotyper.evaluate.benchmark import benchmark, predict
+from phenotyper.evaluate.bootstrap import _interval, bootstrap_weights, resampling_groups
+from phenotyper.evaluate.outcomes import (
     AIPW,
     OutcomeScorer,
     OutcomeSpec,
@@ -54,6 +48,7 @@ from phenotyper.outcomes import (
     read_outcomes,
     stratum_support,
 )
+from phenotyper.models import build_candidate
 from phenotyper.panel import PANEL, PATIENT_ID
 from phenotyper.rules import reference_rules
 from phenotyper.simulate import simulate

@@ -47,8 +47,14 @@ from phenotyper.contract import (
     TREATMENT_PROBABILITY,
     potential_outcome_column,
 )
-from phenotyper.evaluate import benchmark
-from phenotyper.outcomes import BEST_ARM, BY_TRUE_PHENOTYPE, NOBODY, OutcomeSpec, policy_arms
+from phenotyper.evaluate.benchmark import benchmark
+from phenotyper.evaluate.outcomes import (
+    BEST_ARM,
+    BY_TRUE_PHENOTYPE,
+    NOBODY,
+    OutcomeSpec,
+    policy_arms,
+)
 from phenotyper.rules import ImmunoSepRule
 from phenotyper.simulate import RULE_COLUMN, TRUTH_COLUMN, simulate
 

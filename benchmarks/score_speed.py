@@ -30,11 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from results_file import write_results  # benchmarks/ is on sys.path when run
 
-from phenotyper import registry
 from phenotyper.cohort import BLOCK_ROWS, write_table
-from phenotyper.experiment import default_spec, train
-from phenotyper.score import ScoreRequest, score_file
+from phenotyper.runs.score import score_file
+from phenotyper.runs.train import train
+from phenotyper.scoring.request import ScoreRequest
 from phenotyper.simulate import simulate
+from phenotyper.tracking.registry import load_packaged
+from phenotyper.training.spec import default_spec
 
 SIMULATION_BLOCK = 500_000
 
@@ -63,7 +65,7 @@ def _bare_model_s(model_uri: str, cohort: Path, explain: str) -> float:
     """Seconds the packaged model alone takes on the file's rows, read beforehand."""
     from phenotyper.cohort import open_cohort
 
-    model = registry.load_packaged(model_uri, threads=os.cpu_count() or 1)
+    model = load_packaged(model_uri, threads=os.cpu_count() or 1)
     blocks = [block.data for block in open_cohort(cohort).blocks()]
     start = time.perf_counter()
     for data in blocks:
@@ -92,7 +94,6 @@ def main() -> None:
         folder = Path(folder_name)
         os.chdir(folder)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-        registry.configure()
         train_path = write_table(simulate("immunosep-screening", 20_000, 5),
                                  folder / "train.parquet")
         spec = default_spec(train_path, "phenotype_true", "score-speed")

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 from results_file import write_results  # benchmarks/ is on sys.path when run
 
-from phenotyper.experiment import ExperimentSpec, train
-from phenotyper.packaged import PackagedPhenotyper
-from phenotyper.registry import configure, load_packaged
+from phenotyper.packaged.model import PackagedPhenotyper
+from phenotyper.runs.train import train
 from phenotyper.serving import post, running_server
 from phenotyper.simulate import simulate
+from phenotyper.tracking.registry import load_packaged, store_uri, using_store
+from phenotyper.training.spec import ExperimentSpec
 
 
 def main() -> None:
@@ -109,17 +110,17 @@ def _register_noop(folder: Path, example: object) -> str:
     """Register the no-op pyfunc with the champion's signature (models from code: no pickle)."""
     import mlflow
 
-    configure()
     champion = "models:/immunophenotyper@champion"
-    signature = mlflow.models.get_model_info(champion).signature
-    packaged: PackagedPhenotyper = load_packaged(champion)
-    answer = packaged.predict(example, explain="predicted")
-    row = json.loads(answer.head(1).to_json(orient="records"))[0]  # NaN -> None: plain Python
-    code = folder / "noop_model.py"
-    code.write_text(NOOP_MODEL.replace("ROW", repr(row)))
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="noop", python_model=str(code), signature=signature,
-                                       registered_model_name="noop")
+    with using_store(store_uri()):
+        signature = mlflow.models.get_model_info(champion).signature
+        packaged: PackagedPhenotyper = load_packaged(champion)
+        answer = packaged.predict(example, explain="predicted")
+        row = json.loads(answer.head(1).to_json(orient="records"))[0]  # NaN -> None: plain
+        code = folder / "noop_model.py"
+        code.write_text(NOOP_MODEL.replace("ROW", repr(row)))
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="noop", python_model=str(code),
+                                           signature=signature, registered_model_name="noop")
     return f"models:/noop/{info.registered_model_version}"
 
 

@@ -45,10 +45,10 @@ import shap
 import xgboost
 from results_file import code_version, write_results  # benchmarks/ is on sys.path when run
 
-from phenotyper.explain import TreeShapTables, _cores, shap_values
 from phenotyper.models import build_candidate
 from phenotyper.panel import PANEL
 from phenotyper.simulate import simulate
+from phenotyper.treeshap import TreeShapTables, _cores, shap_values
 
 FEATURES = [name for name, marker in PANEL.items() if marker.is_numeric]  # 20 markers
 TRAIN_ROWS = 20_000

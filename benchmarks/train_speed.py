@@ -22,9 +22,10 @@ from results_file import write_results  # benchmarks/ is on sys.path when run
 from sklearn.metrics import accuracy_score, log_loss
 
 from phenotyper.cohort import write_table
-from phenotyper.experiment import default_spec, train
-from phenotyper.rules import PHENOTYPES
+from phenotyper.contract import PHENOTYPES
+from phenotyper.runs.train import train
 from phenotyper.simulate import bayes_posterior, simulate
+from phenotyper.training.spec import default_spec
 
 
 def main() -> None:

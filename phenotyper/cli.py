@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from phenotyper.cohort import QualityReport
-    from phenotyper.evaluate import Benchmark
+    from phenotyper.evaluate.benchmark import Benchmark
     from phenotyper.simulate import Preset
 
 # Each command imports the layers it drives when it runs, not here: `phenotyper --help` and a
@@ -127,11 +127,11 @@ def benchmark(
     if both:
         exit_with_error(f"{', '.join(sorted(both))}: give --higher-is-better or "
                         "--lower-is-better, not both.")
-    from phenotyper import report
     from phenotyper.cohort import CohortError, read_cohort
-    from phenotyper.evaluate import EvaluationError
-    from phenotyper.evaluate import benchmark as run_benchmark
-    from phenotyper.outcomes import OutcomeError, OutcomeSpec
+    from phenotyper.evaluate.benchmark import EvaluationError
+    from phenotyper.evaluate.benchmark import benchmark as run_benchmark
+    from phenotyper.evaluate.outcomes import OutcomeError, OutcomeSpec
+    from phenotyper.report.benchmark import write_benchmark
     from phenotyper.rules import reference_rules
     from phenotyper.simulate import is_synthetic
 
@@ -151,7 +151,7 @@ def benchmark(
                                noise_repeats=noise_repeats,
                                synthetic=is_synthetic(data), outcomes=spec,
                                label_recode=read.label_recode)
-        written = report.write_benchmark(result, output, source=str(cohort))
+        written = write_benchmark(result, output, source=str(cohort))
     except (CohortError, EvaluationError) as error:
         exit_with_error(str(error))
     except OSError as error:
@@ -175,22 +175,24 @@ def train(
         help="TOML mapping of the cohort's columns and units (with --cohort).")] = None,
 ) -> None:
     """Train, benchmark against the rules, log to MLflow, register, and apply the gate."""
-    from phenotyper import experiment as experiments
     from phenotyper.cohort import CohortError
-    from phenotyper.evaluate import EvaluationError
+    from phenotyper.evaluate.benchmark import EvaluationError
+    from phenotyper.runs.train import train as run_training
     from phenotyper.simulate import PresetError
+    from phenotyper.tracking.registry import store_uri
+    from phenotyper.training.spec import ExperimentError, default_spec, load_spec
 
     try:
         if experiment is not None:
             if cohort or label or name:
                 exit_with_error("Give either an experiment file or --cohort/--label/--name.")
-            spec = experiments.load_spec(experiment)
+            spec = load_spec(experiment)
         elif cohort and label and name:
-            spec = experiments.default_spec(cohort, label, name, mapping)
+            spec = default_spec(cohort, label, name, mapping)
         else:
             exit_with_error("Give an experiment file, or all of --cohort, --label and --name.")
-        outcome = experiments.train(spec)
-    except (experiments.ExperimentError, CohortError, EvaluationError, PresetError) as error:
+        outcome = run_training(spec, store_uri())
+    except (ExperimentError, CohortError, EvaluationError, PresetError) as error:
         exit_with_error(str(error))
     shown = ["immunosep", *outcome.result.candidates, "two_marker", "champion"]
     _print_headline(outcome.result.benchmark, shown)
@@ -217,11 +219,13 @@ def promote(
     """Move the champion alias to a registered version by hand (the gate is bypassed)."""
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import registry, tracking
+    from phenotyper.tracking.registry import promote as move_champion
+    from phenotyper.tracking.registry import store_uri, using_store
 
-    uri = registry.configure()
+    uri = store_uri()
     try:
-        previous = tracking.promote(name, version)
+        with using_store(uri) as client:
+            previous = move_champion(client, name, version)
     except MlflowException as error:
         exit_with_error(f"Cannot promote {name} version {version} in {uri}: {error.message}")
     Console().print(Text(f"{name}@champion -> version {version} (was {previous or 'unset'})."))
@@ -236,15 +240,15 @@ def model_card(
     """Write the model card of a registered version (the champion by default)."""
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import registry, tracking
     from phenotyper.files import write_bytes_atomic
+    from phenotyper.tracking.registry import model_card_text, store_uri, using_store
 
-    uri = registry.configure()
+    uri = store_uri()
     try:
-        card = tracking.model_card_text(name, alias)
+        with using_store(uri) as client:
+            card = model_card_text(client, name, alias)
     except MlflowException as error:
         exit_with_error(f"No {name}@{alias} in {uri}: {error.message}")
-    output.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(output, card.encode())
     Console().print(Text(f"Wrote the model card of {name}@{alias} to {output}."))
 
@@ -261,9 +265,9 @@ def serve(
     """Serve a packaged model with MLflow's own scoring server (POST /invocations)."""
     import shutil
 
-    from phenotyper import registry
+    from phenotyper.tracking.registry import store_uri
 
-    uri = registry.configure()
+    uri = store_uri()
     # MLflow starts its server by name (uvicorn): this environment's tools must come first
     tools = str(Path(sys.executable).parent)
     mlflow_cli = shutil.which("mlflow", path=tools) or "mlflow"
@@ -298,11 +302,11 @@ def score(
     from mlflow.exceptions import MlflowException
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from phenotyper import registry
     from phenotyper.cohort import CohortError
-    from phenotyper.score import ScoreRequest, ScoringError, score_file
+    from phenotyper.runs.score import score_file
+    from phenotyper.scoring.request import ScoreRequest, ScoringError
+    from phenotyper.tracking.registry import store_uri
 
-    registry.configure()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours suffices
     request = ScoreRequest(model, input_path, output, mapping, explain, engine, report_path,
                            block_rows)
@@ -313,7 +317,8 @@ def score(
     try:
         with progress:
             task = progress.add_task(input_path.name, total=None)
-            manifest = score_file(request, on_rows=lambda rows: progress.advance(task, rows))
+            manifest = score_file(request, on_rows=lambda rows: progress.advance(task, rows),
+                                  tracking_uri=store_uri())
     except KeyboardInterrupt:
         console.print(Text(f"Interrupted: nothing was written to {output} (an existing file "
                            "there is unchanged).", style="bold red"))
@@ -367,26 +372,28 @@ def explain_patient(
     """Draw one patient's SHAP waterfall: why the model gave this phenotype."""
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import explain, registry
     from phenotyper.cohort import CohortError, read_cohort
-    from phenotyper.files import write_bytes_atomic
+    from phenotyper.files import atomic_path
+    from phenotyper.plots import SAVE_KWARGS
+    from phenotyper.plots.shap import waterfall_figure
+    from phenotyper.tracking.registry import load_packaged, store_uri, using_store
 
-    registry.configure()
     try:
         data = read_cohort(cohort, mapping).data
         rows = data[data["patient_id"] == patient]
         if rows.empty:
             exit_with_error(f"No patient_id '{patient}' in {cohort}.")
-        packaged = registry.load_packaged(model)
-        png = explain.waterfall_png(packaged, rows.head(1))
+        with using_store(store_uri()):
+            packaged = load_packaged(model)
+        figure = waterfall_figure(packaged, rows.head(1))
     except CohortError as error:
         exit_with_error(str(error))
     except MlflowException as error:
         exit_with_error(f"Cannot load model {model}: {error.message}")
     except ValueError as error:
         exit_with_error(f"{patient}: {error}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(output, png)
+    with atomic_path(output) as temporary:
+        figure.savefig(temporary, format="png", **SAVE_KWARGS)
     Console().print(Text(f"Wrote {patient}'s explanation to {output}."))
 
 
@@ -396,13 +403,13 @@ def _load_models(uris: list[str]) -> dict[str, object]:
         return {}
     from mlflow.exceptions import MlflowException
 
-    from phenotyper import registry, tracking
+    from phenotyper.tracking.registry import load_model, store_uri, using_store
 
-    registry.configure()
     models = {}
     for uri in uris:
         try:
-            models[uri] = tracking.load_model(uri)
+            with using_store(store_uri()):
+                models[uri] = load_model(uri)
         except (MlflowException, OSError) as error:
             exit_with_error(f"Cannot load model {uri}: {getattr(error, 'message', error)}")
     return models
@@ -412,7 +419,8 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
     """The report's headline for the terminal: the policy table of each outcome, then the
     label metrics, a row per metric and a column per phenotyper (`only` those, when given: a
     terminal is narrower than the report)."""
-    from phenotyper import outcome_report, report
+    from phenotyper.report import outcomes as outcome_report
+    from phenotyper.report.benchmark import format_estimate, headline_metrics
 
     records = result.records[result.records.subgroup == "all"]
     numbers = {(p, m, "all"): (v, lo, hi) for p, m, v, lo, hi in records[
@@ -442,8 +450,8 @@ def _print_headline(result: Benchmark, only: list[str] | None = None) -> None:
         table.add_column("metric")
         for name in names:
             table.add_column(name.replace("_", " "), justify="right", overflow="fold")
-        for metric, words in report.headline_metrics(result.meta).items():
-            cells = [report.format_estimate(metric, *indexed.loc[(name, metric)][
+        for metric, words in headline_metrics(result.meta).items():
+            cells = [format_estimate(metric, *indexed.loc[(name, metric)][
                          ["value", "ci_low", "ci_high"]]).replace(" (", "\n(")
                      if (name, metric) in indexed.index else "n/a" for name in names]
             if any(cell != "n/a" for cell in cells):

@@ -29,6 +29,14 @@ DEFAULT_MODEL_URI = "models:/immunophenotyper@champion"
 SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are not clinical "
                     "evidence.")
 
+# A scored row's status: `OK`, or why the row was not scored (the reader's or the model's own
+# reason; `MODEL_REJECTED` counts the values the model's range checks refused).
+OK = "ok"
+NOT_SCORED = "not scored"
+MODEL_REJECTED = "rejected_by_model"
+# What a scored row explains: the predicted phenotype's logit, every phenotype's, or nothing.
+EXPLAIN_MODES = ("predicted", "all", "none")
+
 # Rows per block when a file is streamed (read, scored, written): memory stays flat whatever
 # the file's size.
 BLOCK_ROWS = 50_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,21 +14,31 @@ from pathlib import Path
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` that replaces `path` only if the block completes.
 
-    On any error the temporary file is removed and `path` is left as it was. An OSError about
-    the temporary file is raised again about `path` (same errno, plain `strerror`, `filename`
-    = `path`), so messages name the file the caller asked for, never the temporary one.
+    Missing folders on the way are created, and removed again if the block fails: on any
+    error the temporary file is removed and `path` is left as it was. An OSError about the
+    temporary file is raised again about `path` (same errno, plain `strerror`, `filename` =
+    `path`), so messages name the file the caller asked for, never the temporary one.
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    done = False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
         os.replace(temporary, path)
+        done = True
     except OSError as error:
         if not _mentions(error, temporary):
             raise
         raise _about(error, temporary, path) from None
     finally:
         temporary.unlink(missing_ok=True)
+        for folder in created if not done else ():  # innermost first; only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _mentions(error: OSError, temporary: Path) -> bool:
@@ -46,3 +57,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in pieces."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -26,13 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 from xgboost import XGBClassifier
 
-from phenotyper.panel import (
-    LINEAR_SCALE_MARKERS,
-    NUMERIC_MARKERS,
-    PANEL,
-    sex_code,
-    to_log_scale,
-)
+from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PANEL, sex_code, to_log_scale
 
 CANDIDATES = ("logistic", "xgboost")
 

@@ -12,8 +12,7 @@ import mlflow
 import pandas as pd
 
 from phenotyper.packaged import PackagedPhenotyper
-
-ARTIFACT = "phenotyper"
+from phenotyper.packaged.format import ARTIFACT
 
 
 class PhenotyperModel(mlflow.pyfunc.PythonModel):

@@ -29,7 +29,11 @@ from phenotyper.contract import (
     ARM_OF,
     ARMS,
     DEATH_28D,
+    IMMUNOPARALYSIS,
+    INDETERMINATE,
     INTERFERON_GAMMA,
+    MALS,
+    PHENOTYPES,
     PLACEBO,
     SOFA_RESPONSE,
     TREATMENT,
@@ -39,7 +43,7 @@ from phenotyper.contract import (
 )
 from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
 from phenotyper.presets import available_presets
-from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, immunosep_phenotype
+from phenotyper.rules import immunosep_phenotype
 
 FACTORS: tuple[str, ...] = ("inflammation", "immunosuppression", "organ_dysfunction")
 NOTE_KEYS: tuple[str, ...] = ("source", "assumption", "calibrated")

@@ -1,11 +1,9 @@
 """Suite-wide settings: property-based tests draw the same examples on every run (fixed
 seed), so CI cannot pass one day and fail the next on a newly drawn input."""
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 from hypothesis import settings
 
@@ -18,13 +16,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A folder with a SQLite store (set as MLFLOW_TRACKING_URI) holding two small registered
     models for the scoring tests: logistic models:/batchmodel/1 and XGBoost
     models:/batchtrees/1."""
-    from phenotyper import registry
-    from phenotyper.experiment import ExperimentSpec, train
+    from phenotyper.runs.train import train
+    from phenotyper.training.spec import ExperimentSpec
 
     folder = tmp_path_factory.mktemp("scoring")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-    registry.configure()
+    environment = pytest.MonkeyPatch()
+    environment.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
     train(ExperimentSpec(name="batch", registered_model="batchmodel", label="phenotype_true",
                          preset="provide", n=2000, cohort_seed=6,
                          candidates={"logistic": {"C": [1.0]}}, bootstrap=30, noise_repeats=0))
@@ -33,8 +30,4 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                          candidates={"xgboost": {"n_estimators": [60], "max_depth": [4]}},
                          bootstrap=30, noise_repeats=0))
     yield folder
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
-    mlflow.set_tracking_uri(saved or "")
+    environment.undo()

@@ -3,11 +3,9 @@ missing phenotype as one clear error (exit code 2, no traceback)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 from typer.testing import CliRunner
 
@@ -20,12 +18,10 @@ runner = CliRunner(env={"COLUMNS": "400"})  # wide enough that rich does not wra
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh SQLite store for this test; this process's MLflow URI is restored after."""
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    """A fresh SQLite store for this test."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield tmp_path
-    mlflow.set_tracking_uri(saved or "")
 
 
 def test_a_missing_phenotype_is_one_clear_error_without_traceback(store: Path) -> None:

@@ -20,23 +20,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from phenotyper.evaluate import (
-    MIN_RESAMPLING_GROUPS,
-    EvaluationError,
-    Predictions,
-    _Scorer,
-    benchmark,
-    bootstrap_weights,
-    reference_labels,
-    treatment_table,
-)
-from phenotyper.rules import (
-    INDETERMINATE,
-    PHENOTYPES,
-    UNCLASSIFIED,
-    ImmunoSepRule,
-    reference_rules,
-)
+from phenotyper.contract import INDETERMINATE, PHENOTYPES, UNCLASSIFIED
+from phenotyper.evaluate.benchmark import EvaluationError, Predictions, benchmark, reference_labels
+from phenotyper.evaluate.bootstrap import MIN_RESAMPLING_GROUPS, bootstrap_weights
+from phenotyper.evaluate.metrics import _Scorer, treatment_table
+from phenotyper.rules import ImmunoSepRule, reference_rules
 from phenotyper.simulate import simulate
 
 LABELS = np.array([*PHENOTYPES, INDETERMINATE], dtype=object)
@@ -581,7 +569,7 @@ def test_unreadable_labels_are_counted_and_left_out_of_label_metrics_only() -> N
     """A hospital's label column may hold values phenotyper cannot read: the benchmark leaves
     those patients out of the label metrics, says how many and which, and keeps them in the
     outcome metrics."""
-    from phenotyper.outcomes import OutcomeSpec
+    from phenotyper.evaluate.outcomes import OutcomeSpec
 
     cohort = simulate("all-comers-trial", 1200, seed=5)
     cohort["label"] = cohort["phenotype_true"].astype(object)

@@ -11,21 +11,19 @@ import pytest
 from sklearn.metrics import accuracy_score, log_loss
 
 from phenotyper.cohort import write_table
-from phenotyper.evaluate import Benchmark
-from phenotyper.experiment import (
+from phenotyper.contract import PHENOTYPES
+from phenotyper.evaluate.benchmark import Benchmark
+from phenotyper.simulate import bayes_posterior, simulate
+from phenotyper.training.fit import fit_and_evaluate, resolve_features, split_cohort
+from phenotyper.training.gate import promotion_decision
+from phenotyper.training.results import TrainingResult
+from phenotyper.training.spec import (
     CHAMPION,
     ExperimentError,
     ExperimentSpec,
-    TrainingResult,
     default_spec,
-    fit_and_evaluate,
     load_spec,
-    promotion_decision,
-    resolve_features,
-    split_cohort,
 )
-from phenotyper.rules import PHENOTYPES
-from phenotyper.simulate import bayes_posterior, simulate
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 SMALL = {"logistic": {"C": [1.0]}, "xgboost": {"max_depth": [2], "n_estimators": [60]}}
@@ -177,8 +175,8 @@ def test_the_policy_experiment_judges_outcomes() -> None:
 
 def test_the_card_calls_probabilities_calibrated_only_where_the_intervals_say_so(
         small_result) -> None:
-    from phenotyper.report import calibration_supported, model_card
-    from phenotyper.rules import PHENOTYPES
+    from phenotyper.contract import PHENOTYPES
+    from phenotyper.report.card import calibration_supported, model_card
 
     numbers = {}
     for phenotype in PHENOTYPES:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import xgboost
 
-from phenotyper.explain import (
+from phenotyper.treeshap import (
     FallbackWarning,
     TreeShapTables,
     UnsupportedBooster,
@@ -337,7 +337,7 @@ def test_reported_size_and_build_time() -> None:
 _CACHE_PROBE = """
 import json, sys
 import numpy as np, xgboost
-from phenotyper import explain
+from phenotyper import treeshap as explain
 rng = np.random.default_rng(0)
 X = rng.normal(size=(200, 4))
 booster = xgboost.train({"max_depth": 3, "nthread": 1}, xgboost.DMatrix(X, X[:, 0]), 5)

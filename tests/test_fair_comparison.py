@@ -6,18 +6,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
-from phenotyper.evaluate import RULE_DETERMINATE
-from phenotyper.experiment import (
+from phenotyper.contract import INDETERMINATE, PHENOTYPES, UNCLASSIFIED
+from phenotyper.evaluate.benchmark import RULE_DETERMINATE
+from phenotyper.rules import reference_rules
+from phenotyper.simulate import bayes_posterior, load_preset, simulate
+from phenotyper.training.fit import fit_and_evaluate
+from phenotyper.training.gate import promotion_decision
+from phenotyper.training.spec import (
     AGREEMENT,
     TWO_MARKER,
     ExperimentError,
     ExperimentSpec,
     check_spec,
-    fit_and_evaluate,
-    promotion_decision,
 )
-from phenotyper.rules import INDETERMINATE, PHENOTYPES, UNCLASSIFIED, reference_rules
-from phenotyper.simulate import bayes_posterior, load_preset, simulate
 
 EQUIVALENCE_MARGIN = 0.01  # the issue's: full model within +/-0.01 of the two-marker reference
 

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenotyper.packaged import PackagedPhenotyper
-from phenotyper.registry import load_packaged
+from phenotyper.packaged.model import PackagedPhenotyper
 from phenotyper.serving import running_server, score
+from phenotyper.tracking.registry import load_packaged
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model_0_1_0"
 MODEL = FIXTURE / "model"

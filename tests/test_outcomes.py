@@ -11,14 +11,16 @@ from phenotyper.contract import (
     ARMS,
     DEATH_28D,
     INTERFERON_GAMMA,
+    MALS,
+    PHENOTYPES,
     PLACEBO,
     SOFA_RESPONSE,
     TREATMENT,
     TREATMENT_PROBABILITY,
     potential_outcome_column,
 )
-from phenotyper.evaluate import EvaluationError, benchmark
-from phenotyper.outcomes import (
+from phenotyper.evaluate.benchmark import EvaluationError, benchmark
+from phenotyper.evaluate.outcomes import (
     BEST_ARM,
     BY_TRUE_PHENOTYPE,
     NOBODY,
@@ -27,7 +29,7 @@ from phenotyper.outcomes import (
     policy_arms,
     read_outcomes,
 )
-from phenotyper.rules import MALS, PHENOTYPES, ImmunoSepRule
+from phenotyper.rules import ImmunoSepRule
 from phenotyper.simulate import RULE_COLUMN, TRUTH_COLUMN, simulate
 
 TRIAL_SPEC = OutcomeSpec((SOFA_RESPONSE, DEATH_28D), propensity=TREATMENT_PROBABILITY)

@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 import shap
 
-from phenotyper.explain import TreeShapTables
-from phenotyper.export import export
+from phenotyper.contract import OK
 from phenotyper.models import LogitRecalibrated, PanelFeatures, build_candidate
-from phenotyper.packaged import OK, PackagedPhenotyper, _sex
+from phenotyper.packaged.model import PackagedPhenotyper, _sex
 from phenotyper.panel import PANEL
 from phenotyper.simulate import simulate
+from phenotyper.training.export import export
+from phenotyper.treeshap import TreeShapTables
 
 FEATURES = list(PANEL)
 TOLERANCE = 1e-4  # the bar for exact SHAP values

@@ -18,10 +18,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 import phenotyper
-from phenotyper import report
-from phenotyper.evaluate import Benchmark, benchmark
+from phenotyper.evaluate.benchmark import Benchmark, benchmark
 from phenotyper.panel import NUMERIC_MARKERS
-from phenotyper.report import write_benchmark
+from phenotyper.report import benchmark as report
+from phenotyper.report.benchmark import write_benchmark
 from phenotyper.rules import reference_rules
 from phenotyper.simulate import TRUTH_COLUMN, simulate
 
@@ -182,7 +182,7 @@ def _written_figures(result: Benchmark, folder: Path, monkeypatch: pytest.Monkey
                      ) -> tuple[str, list]:
     """Write the report, keeping the figures (not their PNGs) to read their titles."""
     figures: list = []
-    monkeypatch.setattr(report, "_png", lambda figure: figures.append(figure) or b"png")
+    monkeypatch.setattr(report, "png_bytes", lambda figure: figures.append(figure) or b"png")
     write_benchmark(result, folder, SOURCE)
     return (folder / "benchmark.md").read_text(), figures
 

@@ -7,15 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from phenotyper.rules import (
-    IMMUNOPARALYSIS,
-    INDETERMINATE,
-    MALS,
-    PHENOTYPES,
-    UNCLASSIFIED,
-    ImmunoSepRule,
-    reference_rules,
-)
+from phenotyper.contract import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
+from phenotyper.rules import ImmunoSepRule, reference_rules
 
 NA = np.nan
 

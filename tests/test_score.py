@@ -18,11 +18,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from phenotyper import registry, tracking
 from phenotyper.cli import app
 from phenotyper.cohort import read_cohort
-from phenotyper.score import ScoreRequest, ScoringError, score_file
+from phenotyper.runs.score import score_file
+from phenotyper.scoring.request import ScoreRequest, ScoringError
 from phenotyper.simulate import simulate
+from phenotyper.tracking import registry
 
 runner = CliRunner(env={"COLUMNS": "200"})
 MODEL = "models:/batchmodel/1"  # registered by the `store` fixture (conftest.py)
@@ -259,7 +260,8 @@ def test_request_refuses_an_unknown_engine_before_reading(tmp_path):
 
 
 def test_an_alias_is_pinned_to_one_version_and_report_folders_are_made(store, tmp_path):
-    tracking.promote("batchmodel", "1")
+    with registry.using_store(registry.store_uri()) as client:
+        registry.promote(client, "batchmodel", "1")
     cohort = tmp_path / "cohort.parquet"
     simulate("provide", 50, seed=8).to_parquet(cohort)
     report = tmp_path / "new" / "folder" / "report.html"
@@ -283,7 +285,7 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(store, tmp_path):
 def test_tree_model_explanations_are_xgboosts_numbers_from_the_compiled_tables(store, tmp_path):
     """Batch scoring a tree model explains with the compiled tables, and every SHAP column
     of the output equals what XGBoost's own pred_contribs gives through the same model."""
-    from phenotyper.explain import XGBoostContributions
+    from phenotyper.treeshap import XGBoostContributions
 
     cohort = tmp_path / "cohort.parquet"
     simulate("provide", 3000, seed=4).to_parquet(cohort)

@@ -19,9 +19,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from phenotyper import report
+from phenotyper import plots
 from phenotyper.contract import SYNTHETIC_BANNER
-from phenotyper.score import ScoreRequest, ScoreSummary, score_file
+from phenotyper.plots.scoring import MODEL_NAME, RULE_NAME
+from phenotyper.report import scoring as report
+from phenotyper.runs.score import score_file
+from phenotyper.scoring.request import ScoreRequest
+from phenotyper.scoring.summary import ScoreSummary
 from phenotyper.simulate import simulate
 
 MODEL = "models:/batchmodel/1"  # registered by the `store` fixture (conftest.py)
@@ -207,7 +211,7 @@ def test_browser_renders_every_figure(scored, tmp_path):
     page = Page(path.read_text(encoding="utf-8"))
     screenshot, dom = _render(path, tmp_path)
     assert dom.count("<img ") == 4
-    rule, model = report._colours([report.RULE_NAME, report.MODEL_NAME]).values()
+    rule, model = plots.colour_of([RULE_NAME, MODEL_NAME]).values()
     # the model's colour: phenotype, probability and SHAP bars; the rule's: phenotype bars;
     # the heatmap's darkest blue: the diagonal of the agreement figure
     _assert_figures_shown(page, screenshot, {model: 60_000, rule: 15_000, "#08306b": 10_000})
@@ -223,7 +227,7 @@ def test_a_run_without_explanations_says_so_and_still_renders(scored, tmp_path):
     page = Page(text)
     screenshot, dom = _render(path, tmp_path)
     assert dom.count("<img ") == page.tags["img"] == 3
-    model = report._colours([report.RULE_NAME, report.MODEL_NAME])[report.MODEL_NAME]
+    model = plots.colour_of([RULE_NAME, MODEL_NAME])[MODEL_NAME]
     _assert_figures_shown(page, screenshot, {model: 40_000, "#08306b": 10_000})
 
 

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from phenotyper.cli import app
-from phenotyper.score import ScoreRequest, score_file
+from phenotyper.runs.score import score_file
+from phenotyper.scoring.request import ScoreRequest
 from phenotyper.simulate import simulate
 
 MODEL = "models:/batchmodel/1"  # registered by the `store` fixture (conftest.py)

@@ -7,15 +7,15 @@ import math
 import os
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
-from phenotyper import registry
-from phenotyper.experiment import ExperimentSpec, train
+from phenotyper.runs.train import train
 from phenotyper.serving import post, running_server, score
 from phenotyper.simulate import simulate
+from phenotyper.tracking import registry
+from phenotyper.training.spec import ExperimentSpec
 
 SMALL = {"logistic": {"C": [1.0]}}
 
@@ -117,13 +117,9 @@ def test_a_tree_model_is_served_with_its_exact_shap_tables(store, monkeypatch) -
     patients = _patients(5)
     with running_server(model="models:/batchtrees/1") as url:
         served = pd.DataFrame(score(url, patients, explain="all"))
-    previous = mlflow.get_tracking_uri()  # the module's server fixture points elsewhere
-    registry.configure()
-    try:
+    with registry.using_store(registry.store_uri()):
         local = registry.load_packaged("models:/batchtrees/1").predict(
             pd.DataFrame(patients), explain="all")
-    finally:
-        mlflow.set_tracking_uri(previous)
     shap_columns = [c for c in local.columns if c.startswith("shap_")]
     assert (served["status"] == "ok").all()
     np.testing.assert_allclose(served[shap_columns].to_numpy(dtype=float),

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from phenotyper.contract import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
 from phenotyper.panel import NUMERIC_MARKERS, PANEL, PATIENT_ID, SITE_ID
-from phenotyper.rules import IMMUNOPARALYSIS, INDETERMINATE, MALS, PHENOTYPES, UNCLASSIFIED
 from phenotyper.simulate import (
     DEATH_COLUMN,
     RULE_COLUMN,

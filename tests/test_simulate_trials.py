@@ -10,7 +10,10 @@ from phenotyper.contract import (
     ANAKINRA,
     ARMS,
     DEATH_28D,
+    IMMUNOPARALYSIS,
     INTERFERON_GAMMA,
+    MALS,
+    PHENOTYPES,
     PLACEBO,
     SOFA_RESPONSE,
     TREATMENT,
@@ -18,7 +21,6 @@ from phenotyper.contract import (
     potential_outcome_column,
 )
 from phenotyper.panel import SITE_ID
-from phenotyper.rules import IMMUNOPARALYSIS, MALS, PHENOTYPES
 from phenotyper.simulate import (
     RULE_COLUMN,
     TRUTH_COLUMN,

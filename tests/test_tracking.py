@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from phenotyper.cli import app
 from phenotyper.cohort import write_table
-from phenotyper.experiment import ExperimentError, ExperimentSpec, train
+from phenotyper.runs.train import train
 from phenotyper.serving import free_port, running_service
 from phenotyper.simulate import simulate
-from phenotyper.tracking import content_sha256
+from phenotyper.tracking.log import content_sha256
+from phenotyper.training.spec import ExperimentError, ExperimentSpec
 
 SMALL = {"logistic": {"C": [1.0]}, "xgboost": {"max_depth": [2], "n_estimators": [60]}}
 runner = CliRunner(env={"COLUMNS": "200"})

@@ -44,14 +44,17 @@ from phenotyper.contract import (
     ARM_WORDS,
     ARMS,
     HIGHER_IS_BETTER,
+    INDETERMINATE,
+    PHENOTYPES,
     PLACEBO,
     TREATMENT,
     TRUE_PHENOTYPE,
+    UNCLASSIFIED,
     potential_outcome_column,
 )
 from phenotyper.models import PanelFeatures
 from phenotyper.panel import NUMERIC_MARKERS
-from phenotyper.rules import INDETERMINATE, PHENOTYPES, UNCLASSIFIED, immunosep_phenotype
+from phenotyper.rules import immunosep_phenotype
 
 IPW, AIPW = "ipw", "aipw"
 # Pseudo-phenotypers judged beside the real ones: treat nobody (placebo for all) and, on

@@ -1,5 +1,5 @@
-"""A fitted candidate written as the packaged model's plain data (see packaged.py, which reads
-it back without scikit-learn)."""
+"""A fitted candidate written as the packaged model's plain data (packaged/ reads it back
+without scikit-learn). Training owns this: only a fitted estimator can be exported."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from phenotyper.contract import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL
 from phenotyper.models import LogitRecalibrated, WeightedXGBClassifier
-from phenotyper.packaged import BOOSTER_FILE, FORMAT_VERSION, SPEC_FILE
+from phenotyper.packaged.format import BOOSTER_FILE, FORMAT_VERSION, SPEC_FILE
 from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL
 
 

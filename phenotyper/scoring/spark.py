@@ -30,15 +30,8 @@ import pyarrow.parquet as pq
 
 from phenotyper.cohort import Cohort
 from phenotyper.panel import CANONICAL_COLUMNS
-from phenotyper.score import (
-    CHECK_COLUMNS,
-    ROW,
-    ScoredBlock,
-    ScoreRequest,
-    ScoringError,
-    Timer,
-    finish,
-)
+from phenotyper.scoring.checks import CHECK_COLUMNS, ROW, ScoredBlock, finish
+from phenotyper.scoring.request import ScoreRequest, ScoringError, Timer
 
 MASTER_VARIABLE = "PHENOTYPER_SPARK_MASTER"
 _MODEL_OUTPUT = "model_output"

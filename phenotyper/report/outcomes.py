@@ -15,7 +15,9 @@ from matplotlib.figure import Figure
 
 from phenotyper import markdown
 from phenotyper.contract import ARM_OF
-from phenotyper.outcomes import (
+from phenotyper.evaluate.benchmark import MISSING, Numbers
+from phenotyper.evaluate.metrics import PREDICTED_LABELS
+from phenotyper.evaluate.outcomes import (
     AIPW,
     BEST_ARM,
     BY_TRUE_PHENOTYPE,
@@ -24,7 +26,6 @@ from phenotyper.outcomes import (
     MAX_UNSUPPORTED_SHARE,
     MIN_ARM_PATIENTS,
     NOBODY,
-    PREDICTED_LABELS,
     PROPENSITY_FLOOR,
 )
 
@@ -42,8 +43,6 @@ METHOD_TEXT = {
           "arm) models cross-fitted by patient, 95% intervals from the influence function",
 }
 
-_Numbers = dict[tuple[str, str, str], tuple[float, float, float]]
-_MISSING = (math.nan, math.nan, math.nan)
 
 
 def _estimate(value: float, low: float, high: float, difference: bool = False,
@@ -57,7 +56,7 @@ def _estimate(value: float, low: float, high: float, difference: bool = False,
 _table = markdown.table
 
 
-def policy_names(names: Sequence[str], numbers: _Numbers, outcome: str) -> list[str]:
+def policy_names(names: Sequence[str], numbers: Numbers, outcome: str) -> list[str]:
     """Phenotypers with a policy value for `outcome`, in report order, then the references."""
     metric = f"policy_value_{outcome}"
     shown = [n for n in (*names, BY_TRUE_PHENOTYPE, BEST_ARM, NOBODY)
@@ -65,7 +64,7 @@ def policy_names(names: Sequence[str], numbers: _Numbers, outcome: str) -> list[
     return list(dict.fromkeys(shown))
 
 
-def policy_table(names: Sequence[str], numbers: _Numbers, outcome: str, reference: str,
+def policy_table(names: Sequence[str], numbers: Numbers, outcome: str, reference: str,
                  describe: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the policy-value table of one outcome (`describe`: say what the
     reference policies are, beside their names)."""
@@ -77,20 +76,20 @@ def policy_table(names: Sequence[str], numbers: _Numbers, outcome: str, referenc
     rows = []
     for name in policy_names(names, numbers, outcome):
         row = [f"{name} ({PSEUDO_TEXT[name]})" if describe and name in PSEUDO_TEXT else name,
-               _estimate(*numbers.get((name, metric, "all"), _MISSING)),
-               _estimate(*numbers.get((name, f"{metric}_minus_{reference}", "all"), _MISSING),
+               _estimate(*numbers.get((name, metric, "all"), MISSING)),
+               _estimate(*numbers.get((name, f"{metric}_minus_{reference}", "all"), MISSING),
                          difference=True),
-               _estimate(*numbers.get((name, f"{metric}_minus_{NOBODY}", "all"), _MISSING),
+               _estimate(*numbers.get((name, f"{metric}_minus_{NOBODY}", "all"), MISSING),
                          difference=True)]
         if simulated:
-            row.append(_estimate(*numbers.get((name, f"true_{metric}", "all"), _MISSING)))
-        ess = numbers.get((name, f"policy_ess_{outcome}", "all"), _MISSING)[0]
+            row.append(_estimate(*numbers.get((name, f"true_{metric}", "all"), MISSING)))
+        ess = numbers.get((name, f"policy_ess_{outcome}", "all"), MISSING)[0]
         row.append(f"{ess:,.0f}" if math.isfinite(ess) else "n/a")
         rows.append(row)
     return header, rows
 
 
-def outcome_markdown(meta: dict, names: Sequence[str], numbers: _Numbers) -> list[str]:
+def outcome_markdown(meta: dict, names: Sequence[str], numbers: Numbers) -> list[str]:
     """The outcome sections of benchmark.md."""
     outcome = meta.get("outcome")
     if not outcome:
@@ -173,7 +172,7 @@ def outcome_markdown(meta: dict, names: Sequence[str], numbers: _Numbers) -> lis
     return lines
 
 
-def _prognosis(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[str]:
+def _prognosis(outcome: dict, names: Sequence[str], numbers: Numbers) -> list[str]:
     who = ("patients given no active drug (placebo or not randomised)"
            if outcome.get("method") else "all patients (no treatment column was given, so "
            "patients on a drug are in it too)")
@@ -190,7 +189,7 @@ def _prognosis(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[s
                 if rate is None:
                     continue
                 ratio = numbers.get((name, f"adjusted_odds_ratio_{outcome_name}", group),
-                                    _MISSING)
+                                    MISSING)
                 rows.append([name, outcome_name, label, _estimate(*rate),
                              "reference" if label == "unclassified"
                              else _estimate(*ratio, percent=False)])
@@ -198,7 +197,7 @@ def _prognosis(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[s
                             rows, labels=3)]
 
 
-def _effects(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[str]:
+def _effects(outcome: dict, names: Sequence[str], numbers: Numbers) -> list[str]:
     lines = ["### Treatment effect within each predicted phenotype", "",
              "Risk difference of each drug against placebo among the patients the phenotyper "
              "puts in each phenotype, in percentage points (`*`: interval excludes 0; in "
@@ -216,7 +215,7 @@ def _effects(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[str
                 cells = []
                 for drug in DRUGS:
                     key = (name, f"treatment_effect_{drug}_{outcome_name}", f"predicted={label}")
-                    cell = _estimate(*numbers.get(key, _MISSING), difference=True)
+                    cell = _estimate(*numbers.get(key, MISSING), difference=True)
                     if key in counts:
                         cell += f" [{counts[key][0]:,} vs {counts[key][1]:,}]"
                     cells.append(cell)
@@ -228,7 +227,7 @@ def _effects(outcome: dict, names: Sequence[str], numbers: _Numbers) -> list[str
     return [*lines, *_table(["phenotyper", "outcome", "predicted", *DRUGS], rows, labels=3)]
 
 
-def forest_figure(meta: dict, names: Sequence[str], numbers: _Numbers, suffix: str = ""
+def forest_figure(meta: dict, names: Sequence[str], numbers: Numbers, suffix: str = ""
                   ) -> Figure | None:
     """Each drug's risk difference against placebo within each predicted phenotype, with its
     interval: one panel per outcome, one row per phenotyper x predicted phenotype x drug."""

@@ -1,16 +1,11 @@
-"""MLflow at the edge: runs, datasets, artifacts, the registry, aliases and the promotion gate.
-
-Tracking defaults to MLflow's embedded SQLite store (`mlflow.db` in the working directory);
-`MLFLOW_TRACKING_URI` points the same code at a team's server. Aliases move only after a run
-has finished everything else, so a failed run never moves one.
-"""
+"""Run logging into MLflow: the parent run, its parameters, datasets and metrics, the
+packaged model and the gate's decision on the registered version."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,32 +13,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import phenotyper
-from phenotyper import explain, pyfunc_model, report
-from phenotyper.export import export
 from phenotyper.packaged import PackagedPhenotyper
+from phenotyper.packaged.format import ARTIFACT, PYFUNC_ENTRY
 from phenotyper.panel import PANEL, PATIENT_ID
-from phenotyper.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, champion_version
-from phenotyper.rules import PHENOTYPES
+from phenotyper.tracking.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
 
 if TYPE_CHECKING:
-    from phenotyper.experiment import GateDecision, TrainingResult
+    from phenotyper.training.results import GateDecision, TrainingResult
 
 MODEL_ARTIFACT = "model"
-
-
-
-
-
-
-def load_model(uri: str) -> PyfuncPhenotyper:
-    """A registered phenotyper from an MLflow model URI (models:/NAME@ALIAS, runs:/ID/model)."""
-    return PyfuncPhenotyper(mlflow.pyfunc.load_model(uri))
 
 
 def content_sha256(frame: pd.DataFrame) -> str:
@@ -98,12 +81,10 @@ def _dataset_source(result: TrainingResult) -> Any:
     return CodeDatasetSource({"phenotyper.simulate": result.cohort_source, "synthetic": "true"})
 
 
-def log_result(result: TrainingResult) -> str:
-    """Log a finished training into the active parent run; register the selected model.
-
-    Returns the new model version. Nested runs hold each candidate's search and test metrics;
-    the parent holds the datasets, the benchmark report, the SHAP summary and the model.
-    """
+def log_training(result: TrainingResult) -> None:
+    """Log a finished training's numbers into the active parent run: its parameters, the
+    label reading, the training and test datasets (with their full-content SHA-256), and one
+    nested run per candidate with its search and held-out metrics."""
     spec = result.spec
     records = result.benchmark.records
     mlflow.log_params(_flat_params({
@@ -138,20 +119,6 @@ def log_result(result: TrainingResult) -> str:
             mlflow.log_metrics(_test_metrics(records, kind))
             mlflow.log_text(candidate.cv_table.to_csv(index=False), "cv_results.csv")
     mlflow.log_metrics(_test_metrics(records, result.selected))
-    with tempfile.TemporaryDirectory() as folder:
-        report.write_benchmark(result.benchmark, Path(folder), source=result.cohort_source)
-        mlflow.log_artifacts(folder, "benchmark")
-    selected = result.candidates[result.selected].estimator
-    with tempfile.TemporaryDirectory() as folder:
-        exported = Path(folder) / pyfunc_model.ARTIFACT
-        export(selected, exported)
-        packaged = PackagedPhenotyper(exported)
-        for name, png in explain.cohort_pngs(packaged, result.test).items():
-            mlflow.log_image(_png_array(png), f"shap/{name}")
-        mlflow.log_image(_png_array(explain.waterfall_png(packaged, result.test.head(1))),
-                         "shap/waterfall_first_test_patient.png")
-        return log_packaged_model(exported, result.test, result.features,
-                                  spec.registered_model)
 
 
 def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: Sequence[str],
@@ -179,31 +146,12 @@ def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: S
         inputs=inputs, outputs=infer_signature(example, output).outputs,
         params=ParamSchema([ParamSpec("explain", "string", "predicted")]))
     info = mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT, python_model=pyfunc_model.__file__,
-        artifacts={pyfunc_model.ARTIFACT: str(exported)},
+        name=MODEL_ARTIFACT, python_model=str(PYFUNC_ENTRY),
+        artifacts={ARTIFACT: str(exported)},
         code_paths=[str(Path(phenotyper.__file__).parent)],
         signature=signature, input_example=example,
         pip_requirements=_requirements(), registered_model_name=registered_name)
     return str(info.registered_model_version)  # MLflow answers int or str by store
-
-
-class PyfuncPhenotyper:
-    """A registered packaged model seen as a classifier, so the evaluator can judge it."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.classes_ = np.array(PHENOTYPES, dtype=object)
-
-    def _scores(self, X: pd.DataFrame) -> pd.DataFrame:
-        columns = [c for c in X.columns if c in self.model.metadata.get_input_schema()
-                   .input_names()]
-        return self.model.predict(X[columns], params={"explain": "none"})
-
-    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return self._scores(X)[[f"prob_{p}" for p in PHENOTYPES]].to_numpy(dtype=float)
-
-    def predict(self, X: pd.DataFrame) -> np.ndarray:
-        return self._scores(X)["phenotype"].to_numpy(dtype=object)
 
 
 def _requirements() -> list[str]:
@@ -215,23 +163,14 @@ def _requirements() -> list[str]:
             ("mlflow", "scikit-learn", "xgboost", "numpy", "pandas", "numba")]
 
 
-def _png_array(png: bytes) -> Any:
-    """A PNG as an image array (mlflow.log_image takes arrays or PIL images)."""
-    import io
-
-    from matplotlib.image import imread
-
-    return imread(io.BytesIO(png), format="png")
-
-
-def record_decision(name: str, version: str, decision: GateDecision, card: str) -> None:
+def record_decision(client: MlflowClient, name: str, version: str, decision: GateDecision,
+                    card: str) -> None:
     """Log the model card, write the gate's decision as version tags, alias the new version
     challenger, and move champion to it only when the gate says so. Called last, after
     everything else succeeded, inside the parent run."""
     mlflow.log_text(card, "model_card.md")
     mlflow.set_tags({"gate.decision": "promoted" if decision.promote else "not promoted",
                      "registered_version": version})
-    client = MlflowClient()
     client.update_model_version(name, version, description=card)
     for key, value in decision.numbers.items():
         client.set_model_version_tag(name, version, f"gate.{key}", str(value))
@@ -241,20 +180,3 @@ def record_decision(name: str, version: str, decision: GateDecision, card: str) 
     client.set_registered_model_alias(name, CHALLENGER_ALIAS, version)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-
-
-def promote(name: str, version: str) -> str | None:
-    """Move the champion alias by hand; returns the version that held it before."""
-    client = MlflowClient()
-    client.get_model_version(name, version)  # raises if the version does not exist
-    previous = champion_version(name)
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-    client.set_model_version_tag(name, version, "gate.decision", "promoted by hand")
-    client.set_model_version_tag(name, version, "gate.previous_champion", str(previous))
-    return previous
-
-
-def model_card_text(name: str, alias: str = CHAMPION_ALIAS) -> str:
-    """The model card stored with the version that holds `alias`."""
-    client = MlflowClient()
-    return client.get_model_version_by_alias(name, alias).description or ""

@@ -1,11 +1,12 @@
 """The packaged phenotyper: a fitted candidate as plain data, scored with exact explanations.
 
-`phenotyper.export.export` turns a fitted candidate (logistic or XGBoost pipeline, optionally
+`phenotyper.training.export.export` turns a fitted candidate (logistic or XGBoost pipeline,
+optionally
 recalibrated) into files that need no pickle: `phenotyper.json` (features, preprocessing,
 coefficients, class names, calibration map, rule thresholds, panel ranges) and, for trees,
 the booster in XGBoost's own format. `PackagedPhenotyper` reads them back and scores a cohort
 with numpy, xgboost and numba only, never scikit-learn (the trees' SHAP tables are compiled
-from the booster at load, see explain.py).
+from the booster at load, see treeshap.py); `adapters` holds what differs by model kind.
 
 Every model here is linear in its softmax logits once the features are fixed: the logistic
 model exactly, the trees through exact TreeSHAP contributions (XGBoost's numbers), and the
@@ -22,14 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from phenotyper.explain import tree_explainer
+from phenotyper.contract import EXPLAIN_MODES, OK
 from phenotyper.immunosep import RULE_MARKERS, immunosep_phenotype
+from phenotyper.packaged.adapters import ADAPTERS
+from phenotyper.packaged.format import READABLE_FORMAT_VERSIONS, SPEC_FILE
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES, SEX_CODE, to_log_scale
-
-SPEC_FILE, BOOSTER_FILE = "phenotyper.json", "booster.ubj"
-FORMAT_VERSION = 1
-EXPLAIN_MODES = ("predicted", "all", "none")
-OK = "ok"
 
 
 class PackagedPhenotyper:
@@ -40,24 +38,38 @@ class PackagedPhenotyper:
         batch scoring uses every core)."""
         folder = Path(folder)
         self.spec = json.loads((folder / SPEC_FILE).read_text())
-        if self.spec.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{folder / SPEC_FILE}: unsupported format version")
+        if self.spec.get("format_version") not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"{folder / SPEC_FILE}: format version "
+                             f"{self.spec.get('format_version')!r} is newer than this "
+                             "phenotyper reads; upgrade phenotyper")
+        if self.spec.get("kind") not in ADAPTERS:
+            raise ValueError(f"{folder / SPEC_FILE}: unknown model kind "
+                             f"{self.spec.get('kind')!r}; upgrade phenotyper")
         self.features: list[str] = self.spec["features"]
         self.classes: list[str] = self.spec["classes"]
-        self.booster = self.explainer = None
-        if self.spec["kind"] == "xgboost":
-            import xgboost
-
-            self.booster = xgboost.Booster()
-            self.booster.load_model(str(folder / self.spec["booster"]))
-            self.booster.set_param({"nthread": threads})
-            self.explainer = tree_explainer(self.booster, threads)  # compiled at load
+        self.adapter = ADAPTERS[self.spec["kind"]](self.spec, folder, threads)
+        calibration = self.spec["calibration"]
+        self._calibration = None if calibration is None else (
+            np.array(calibration["coef"]), np.array(calibration["intercept"]))
         # per-model constants, read once rather than on every request
         self._reads = list(dict.fromkeys([PATIENT_ID, *self.features, *RULE_MARKERS]))
         self._ranges = [tuple(self.spec["ranges"].get(name, [-np.inf, np.inf]))
                         for name in self.features]
         self._logged = [j for j, name in enumerate(self.features)  # sex is coded, not logged
                         if name in self.spec["log_features"] and name != "sex"]
+
+    @property
+    def explainer(self) -> Any:
+        """The tree model's SHAP engine (None for a linear model)."""
+        return getattr(self.adapter, "explainer", None)
+
+    @explainer.setter
+    def explainer(self, engine: Any) -> None:
+        self.adapter.explainer = engine
+
+    @property
+    def booster(self) -> Any:
+        return getattr(self.adapter, "booster", None)
 
     # --- features -------------------------------------------------------------------------
 
@@ -98,26 +110,18 @@ class PackagedPhenotyper:
         if len(X) == 0:
             return (np.empty((0, len(self.classes), len(self.features))),
                     self._base(), status)
-        if self.spec["kind"] == "xgboost":
-            raw = self.explainer.shap_values(X)  # (n, K, F + 1), bias last
-            contributions, base = raw[:, :, :-1], raw[0, :, -1] + np.array(
-                self.spec["logit_offset"])
-        else:
-            contributions, base = self._linear(X)
-        calibration = self.spec["calibration"]
-        if calibration is not None:
-            matrix = np.array(calibration["coef"])
+        contributions, base = self.adapter.contributions(X)
+        if self._calibration is not None:
+            matrix, intercept = self._calibration
             contributions = np.einsum("kj,njf->nkf", matrix, contributions)
-            base = matrix @ base + np.array(calibration["intercept"])
+            base = matrix @ base + intercept
         bad = np.array([s != OK for s in status], dtype=bool)
         contributions[bad] = np.nan
         return contributions, base, status
 
     def describe_explainer(self) -> dict[str, Any]:
         """How the explanations are computed, for manifests and model cards."""
-        if self.explainer is None:
-            return {"method": "exact linear contributions (coefficient x standardised value)"}
-        return self.explainer.describe()
+        return self.adapter.describe()
 
     def _base(self) -> np.ndarray:
         """The logits' base values, for an empty input (no row to read them from)."""
@@ -131,40 +135,11 @@ class PackagedPhenotyper:
     def _logits(self, X: np.ndarray, status: list[str]) -> tuple[np.ndarray, list[str]]:
         if len(X) == 0:
             return np.empty((0, len(self.classes))), status
-        if self.spec["kind"] == "xgboost":
-            import xgboost
-
-            margin = self.booster.predict(xgboost.DMatrix(X, missing=np.nan), output_margin=True)
-            logits = (np.asarray(margin).reshape(len(X), len(self.classes))
-                      + np.array(self.spec["logit_offset"]))
-        else:
-            logits = self._standardised(X) @ np.array(self.spec["coef"]).T + np.array(
-                self.spec["intercept"])
-        calibration = self.spec["calibration"]
-        if calibration is not None:
-            logits = logits @ np.array(calibration["coef"]).T + np.array(calibration["intercept"])
+        logits = self.adapter.logits(X)
+        if self._calibration is not None:
+            matrix, intercept = self._calibration
+            logits = logits @ matrix.T + intercept
         return logits, status
-
-    def _standardised(self, X: np.ndarray) -> np.ndarray:
-        """The linear model's columns: imputed features, then missing indicators, scaled."""
-        spec = self.spec
-        missing = np.isnan(X)
-        imputed = np.where(missing, np.array(spec["impute_median"]), X)
-        indicators = missing[:, spec["indicator_of"]].astype(float)
-        columns = np.hstack([imputed, indicators])
-        return (columns - np.array(spec["scale_mean"])) / np.array(spec["scale_sd"])
-
-    def _linear(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """coef x standardised value per model column, folded back onto panel features
-        (a marker's missing-indicator column counts towards that marker)."""
-        standard = self._standardised(X)
-        coef = np.array(self.spec["coef"])  # (K, columns)
-        width = X.shape[1]
-        contributions = standard[:, None, :width] * coef[None, :, :width]
-        for position, feature in enumerate(self.spec["indicator_of"]):  # (n, K) at a time
-            column = width + position
-            contributions[:, :, feature] += standard[:, None, column] * coef[None, :, column]
-        return contributions, np.array(self.spec["intercept"])
 
     # --- the contract -----------------------------------------------------------------------
 

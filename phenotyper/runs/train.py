@@ -1,0 +1,94 @@
+"""The training run: fit and judge (training), log and register (tracking), apply the gate,
+write the benchmark report, figures and model card (report, plots). The only place these meet,
+and the only place a training sets MLflow's store (`tracking.registry.using_store`)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from phenotyper.packaged import PackagedPhenotyper
+from phenotyper.packaged.format import ARTIFACT
+from phenotyper.plots import SAVE_KWARGS
+from phenotyper.plots.shap import cohort_figures, waterfall_figure
+from phenotyper.report.benchmark import write_benchmark
+from phenotyper.report.card import model_card
+from phenotyper.tracking.log import (
+    experiment_run,
+    log_packaged_model,
+    log_training,
+    record_decision,
+)
+from phenotyper.tracking.registry import (
+    CHAMPION_ALIAS,
+    champion_version,
+    load_model,
+    store_uri,
+    using_store,
+)
+from phenotyper.training.export import export
+from phenotyper.training.fit import fit_and_evaluate
+from phenotyper.training.gate import promotion_decision
+from phenotyper.training.results import GateDecision, TrainingResult
+from phenotyper.training.spec import ExperimentSpec
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What `train` did: the run, the registered version and the gate's decision."""
+
+    run_id: str
+    experiment_id: str
+    model_name: str
+    version: str
+    decision: GateDecision
+    result: TrainingResult
+    tracking_uri: str
+    card: str
+
+
+def train(spec: ExperimentSpec, tracking_uri: str | None = None) -> TrainingOutcome:
+    """Run one experiment under MLflow: train, judge, register, and apply the promotion gate.
+
+    `tracking_uri`: the store ($MLFLOW_TRACKING_URI or ./mlflow.db when not given). The current
+    champion (if any) is judged on the same held-out patients. Aliases move only after
+    everything else succeeded, so a failed run leaves them where they were.
+    """
+    uri = tracking_uri or store_uri()
+    with using_store(uri) as client:
+        current = champion_version(client, spec.registered_model)
+        champion = None
+        if current is not None:
+            champion = load_model(f"models:/{spec.registered_model}@{CHAMPION_ALIAS}")
+        with experiment_run(spec.name, run_name=spec.name) as run:
+            result = fit_and_evaluate(spec, champion)
+            log_training(result)
+            version = _log_reports_and_model(result)
+            decision = promotion_decision(result, current)
+            card = model_card(result, version, decision)
+            record_decision(client, spec.registered_model, version, decision, card)
+    return TrainingOutcome(run.info.run_id, run.info.experiment_id, spec.registered_model,
+                           version, decision, result, uri, card)
+
+
+def _log_reports_and_model(result: TrainingResult) -> str:
+    """Into the active run: the benchmark report, the SHAP figures of the selected model on the
+    test patients, and the packaged model, registered; returns the new version."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_benchmark(result.benchmark, Path(folder), source=result.cohort_source)
+        mlflow.log_artifacts(folder, "benchmark")
+    selected = result.candidates[result.selected].estimator
+    with tempfile.TemporaryDirectory() as folder:
+        exported = Path(folder) / ARTIFACT
+        export(selected, exported)
+        packaged = PackagedPhenotyper(exported)
+        figures = {**cohort_figures(packaged, result.test),
+                   "waterfall_first_test_patient.png":
+                       waterfall_figure(packaged, result.test.head(1))}
+        for name, figure in figures.items():
+            mlflow.log_figure(figure, f"shap/{name}", save_kwargs=SAVE_KWARGS)
+        return log_packaged_model(exported, result.test, result.features,
+                                  result.spec.registered_model)

@@ -1,0 +1,125 @@
+"""Per-block row checks and the output table: what the reader found per row, the output
+schema, and the step that joins the model's answers to the checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from phenotyper.cohort import IMPLAUSIBLE, NEGATIVE, UNKNOWN_CATEGORY, UNPARSEABLE, Cohort
+from phenotyper.contract import EXPLAIN_MODES, MODEL_REJECTED, NOT_SCORED, OK
+from phenotyper.packaged.model import PackagedPhenotyper
+from phenotyper.panel import PATIENT_ID, SITE_ID
+from phenotyper.scoring.request import ScoringError
+
+ROW = "row"
+ISSUES = "issues"
+# Reader issues that reject a value: in a model feature, the model does not score the row.
+REJECTING = (UNPARSEABLE, NEGATIVE, IMPLAUSIBLE, UNKNOWN_CATEGORY)
+
+
+# --- the output contract ----------------------------------------------------------------------
+
+
+def output_schema(model: PackagedPhenotyper, explain: str) -> pa.Schema:
+    """The output columns and their types for a model and explanation mode (both engines)."""
+    if explain not in EXPLAIN_MODES:
+        raise ScoringError(f"explain must be one of {', '.join(EXPLAIN_MODES)}, not {explain!r}.")
+    fields = [pa.field(ROW, pa.int64()), pa.field(PATIENT_ID, pa.string()),
+              pa.field(SITE_ID, pa.string()), pa.field("phenotype", pa.string())]
+    fields += [pa.field(f"prob_{name}", pa.float64()) for name in model.classes]
+    fields += [pa.field(name, pa.string()) for name in ("rule_phenotype", "status", ISSUES)]
+    if explain != "none":
+        fields += [pa.field("shap_base", pa.float64())]
+        fields += [pa.field(f"shap_{name}", pa.float64()) for name in model.features]
+        if explain == "all":
+            for label in model.classes:
+                fields.append(pa.field(f"shap_base_{label}", pa.float64()))
+                fields += [pa.field(f"shap_{label}_{name}", pa.float64())
+                           for name in model.features]
+        fields.append(pa.field("top_drivers", pa.string()))
+    return pa.schema(fields)
+
+
+READER_STATUS, READER_KIND = "reader_status", "reader_status_kind"
+# What the reader found in each row, carried beside the model's output to the final file.
+CHECK_COLUMNS = (ROW, PATIENT_ID, SITE_ID, READER_STATUS, READER_KIND, ISSUES)
+
+
+def row_checks(block: Cohort, features: list[str]) -> pd.DataFrame:
+    """Per row (CHECK_COLUMNS): the file row number, ids, and a status from the reader's
+    issues (a rejected value in a model feature stops scoring; other issues are listed)."""
+    n = len(block.data)
+    status = np.full(n, OK, dtype=object)
+    kind = np.full(n, OK, dtype=object)
+    issues = np.full(n, "", dtype=object)
+    table = block.issues
+    if len(table):
+        position = table["row"].to_numpy() - block.first_row
+        shown = (table["column"] + " " + table["value"].map(repr) + ": "
+                 + table["detail"].str.replace("; set to missing", "", regex=False))
+        rejects = (table["kind"].isin(REJECTING) & table["column"].isin(features)).to_numpy()
+        for rows, target in ((rejects, status), (~rejects, issues)):
+            if rows.any():
+                joined = shown[rows].groupby(position[rows]).agg("; ".join)
+                target[joined.index.to_numpy()] = joined.to_numpy()
+        if rejects.any():
+            first_kind = table["kind"][rejects].groupby(position[rejects]).first()
+            at = first_kind.index.to_numpy()
+            kind[at] = first_kind.to_numpy()
+            status[at] = NOT_SCORED + ": " + status[at].astype(str)
+    # the ids as read (no copy), the texts as objects (pandas would make Arrow strings of them
+    # here and the writer again)
+    return pd.DataFrame({
+        ROW: np.arange(block.first_row, block.first_row + n, dtype=np.int64),
+        PATIENT_ID: block.data[PATIENT_ID].array, SITE_ID: block.data[SITE_ID].array,
+        **{name: pd.Series(values, dtype=object) for name, values in (
+            (READER_STATUS, status), (READER_KIND, kind), (ISSUES, issues))}})
+
+
+@dataclass(frozen=True)
+class ScoredBlock:
+    """One block of output in contract form, and the kind behind each row's status."""
+
+    table: pa.Table  # the output schema's columns
+    status_kind: np.ndarray  # "ok", a reader issue kind, or MODEL_REJECTED
+
+
+CHECKED = (ROW, PATIENT_ID, SITE_ID, ISSUES)  # output columns taken from the row checks
+
+
+def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> ScoredBlock:
+    """The model's output for a block in contract form: reader-rejected rows unscored, the
+    row number, site and issues added, columns in schema order (both engines).
+
+    Built in Arrow, column by column (a missing number is null, as pandas' NaN becomes in
+    Arrow): the text columns stay Arrow strings from the model to the file, never a Python
+    object per cell."""
+    model = pa.Table.from_pandas(scored, preserve_index=False, nthreads=1)
+    reader = pa.Table.from_pandas(checks[[*CHECKED, READER_STATUS]], preserve_index=False,
+                                  nthreads=1)
+    reader_status = checks[READER_STATUS].to_numpy(dtype=object)
+    rejected = reader_status != OK
+    unscored = rejected | ~pc.equal(model["status"], OK).to_numpy(zero_copy_only=False)
+    # (where, value) per column the reader's or the model's rejection overrides
+    # (a row the model did not score has no phenotype: under pandas 3, MLflow's Spark UDF
+    # returns a missing string as the text 'nan')
+    overrides = {"phenotype": (unscored, None), "top_drivers": (rejected, ""),
+                 "status": (rejected, reader[READER_STATUS])}
+    columns = []
+    for column in schema:
+        values = (reader if column.name in CHECKED else model)[column.name].cast(column.type)
+        where, value = overrides.get(column.name, (
+            rejected if column.name.startswith(("prob_", "shap_")) else None, None))
+        if where is not None and where.any():
+            value = value.cast(column.type) if isinstance(value, pa.ChunkedArray) else (
+                pa.scalar(value, column.type))
+            values = pc.if_else(where, value, values)
+        columns.append(values)
+    kind = np.where(rejected, checks[READER_KIND].to_numpy(dtype=object),
+                    np.where(unscored, MODEL_REJECTED, OK))
+    return ScoredBlock(pa.Table.from_arrays(columns, schema=schema), kind)
