@@ -93,6 +93,7 @@ from phenotyper.panel import (
     Marker,
     normalise_unit,
 )
+from phenotyper.suggest import did_you_mean
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
 # Trial and outcome columns a mapping may name: renamed to these names, passed through unparsed
@@ -874,8 +875,7 @@ def _table(path: Path, where: str, value: object) -> dict:
 def _check_keys(path: Path, where: str, table: dict, allowed: tuple[str, ...]) -> None:
     for key in table:
         if key not in allowed:
-            near = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
+            hint = did_you_mean(key, allowed)
             raise CohortError(f"Mapping file {path}: {where} has unknown key {key!r}.{hint} "
                               f"Allowed: {', '.join(allowed)}.")
 

@@ -11,9 +11,12 @@ one-hot `predict_proba`) so the evaluator judges them exactly as it judges learn
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import ClassifierTags, Tags
 
 from phenotyper.contract import (
     FERRITIN_MALS_NG_ML,
@@ -35,6 +38,22 @@ __all__ = ["FERRITIN_MALS_NG_ML", "HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL",
            "reference_rules"]
 
 
+@dataclass
+class PhenotyperTags(ClassifierTags):
+    """scikit-learn's classifier tags, plus whether `predict_proba` is a probability. The
+    evaluator reports probability metrics (log loss, calibration) only where it is; a rule's
+    one-hot answer is not."""
+
+    probabilistic: bool = True
+
+
+def is_probabilistic(estimator: object) -> bool:
+    """Whether an estimator's probabilities mean something (its `PhenotyperTags`; an
+    estimator without tags, such as a registered pyfunc model, is taken at its word)."""
+    tags = getattr(estimator, "__sklearn_tags__", None)
+    return getattr(tags().classifier_tags, "probabilistic", True) if tags else True
+
+
 class ImmunoSepRule(ClassifierMixin, BaseEstimator):
     """The ImmunoSep fixed-threshold rule; thresholds are parameters (None drops a criterion).
 
@@ -44,9 +63,10 @@ class ImmunoSepRule(ClassifierMixin, BaseEstimator):
     `predict_proba` is one-hot over `classes_`, and uniform where the rule abstains.
     """
 
-    # The evaluator reports probability metrics (log loss, calibration) only for phenotypers
-    # whose probabilities mean something; a rule's one-hot output does not.
-    hard_decision = True
+    def __sklearn_tags__(self) -> Tags:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags = PhenotyperTags(probabilistic=False)
+        return tags
 
     def __init__(
         self,

@@ -11,7 +11,6 @@ an explicit assumption; `calibrate` refits the few parameters that are tuned to 
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from phenotyper.contract import (
 from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
 from phenotyper.presets import available_presets
 from phenotyper.rules import immunosep_phenotype
+from phenotyper.suggest import did_you_mean
 
 FACTORS: tuple[str, ...] = ("inflammation", "immunosuppression", "organ_dysfunction")
 NOTE_KEYS: tuple[str, ...] = ("source", "assumption", "calibrated")
@@ -104,8 +104,7 @@ def _split_parameters(section_name: str, section: dict[str, Any]) -> tuple[dict,
 
 def _check_name(name: str, names: list[str], what: str) -> None:
     if name not in names:
-        near = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(name, names)
         raise PresetError(f"Unknown {what} '{name}'.{hint} Available: {', '.join(names)}.")
 
 

@@ -24,7 +24,7 @@ from phenotyper.contract import INDETERMINATE, PHENOTYPES, UNCLASSIFIED
 from phenotyper.evaluate.benchmark import EvaluationError, Predictions, benchmark, reference_labels
 from phenotyper.evaluate.bootstrap import MIN_RESAMPLING_GROUPS, bootstrap_weights
 from phenotyper.evaluate.metrics import _Scorer, treatment_table
-from phenotyper.rules import ImmunoSepRule, reference_rules
+from phenotyper.rules import ImmunoSepRule, PhenotyperTags, reference_rules
 from phenotyper.simulate import simulate
 
 LABELS = np.array([*PHENOTYPES, INDETERMINATE], dtype=object)
@@ -37,9 +37,10 @@ class ColumnPhenotyper(ClassifierMixin, BaseEstimator):
         self.prefix = prefix
         self.probabilistic = probabilistic
 
-    @property
-    def hard_decision(self) -> bool:
-        return not self.probabilistic
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags = PhenotyperTags(probabilistic=self.probabilistic)
+        return tags
 
     def fit(self, X: pd.DataFrame, y: object = None) -> ColumnPhenotyper:
         self.classes_ = np.array(PHENOTYPES, dtype=object)

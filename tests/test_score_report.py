@@ -195,7 +195,7 @@ def test_report_is_self_contained_and_its_numbers_are_the_manifests(scored):
     assert {row[0]: _number(row[2]) for row in reasons[1:]} == {"negative": 1, "unparseable": 1}
     assert [_number(row[0]) for row in examples[1:]] == [
         example["row"] for example in manifest["unscored_examples"]] == [4, 11]
-    assert "crp_mg_l &#x27;haemolysed&#x27;: not a number" in text
+    assert "crp_mg_l &#39;haemolysed&#39;: not a number" in text  # markupsafe's spelling
     assert f"<b>{manifest['rows_with_issues']:,} rows</b> carry reader issues" in text
 
     (sites,) = page.tables["sites"]

@@ -18,7 +18,6 @@ rather than one from the resamples where it happens to be defined.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from phenotyper.evaluate.robustness import (
 )
 from phenotyper.labels import LabelReading, read_labels, rule_derived_warning
 from phenotyper.panel import PATIENT_ID, SITE_ID
+from phenotyper.suggest import did_you_mean
 
 DECISION_CURVE_GRID = np.round(np.arange(0.02, 0.91, 0.02), 2)
 AGE_BANDS = ((0, 50, "<50"), (50, 65, "50-64"), (65, 80, "65-79"), (80, 200, ">=80"))
@@ -108,8 +108,7 @@ def reference_labels(frame: pd.DataFrame, label: str,
     any case, `intermediate` = unclassified, a mapping's `[labels]` recode; unreadable values
     are counted and left out, not an error."""
     if label not in frame.columns:
-        near = difflib.get_close_matches(label, [str(c) for c in frame.columns], n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(label, [str(c) for c in frame.columns])
         raise EvaluationError(f"label column '{label}' is not in the cohort.{hint} Give the "
                               "column that holds the reference phenotype with --label.")
     return read_labels(frame[label], label, recode)

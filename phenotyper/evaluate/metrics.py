@@ -23,6 +23,7 @@ from phenotyper.contract import (
     PHENOTYPES,
     PLACEBO,
 )
+from phenotyper.rules import is_probabilistic
 
 PREDICTED_LABELS: tuple[str, ...] = (*PHENOTYPES, INDETERMINATE)
 K = len(PHENOTYPES)
@@ -391,7 +392,7 @@ def predict(estimator: Any, X: pd.DataFrame) -> Predictions:
     unknown = set(np.unique(labels)) - set(PREDICTED_LABELS)
     if unknown:
         raise EvaluationError(f"phenotyper predicted labels outside {PREDICTED_LABELS}: {unknown}")
-    return Predictions(labels, proba, not getattr(estimator, "hard_decision", False))
+    return Predictions(labels, proba, is_probabilistic(estimator))
 
 
 class EvaluationError(ValueError):

@@ -24,7 +24,6 @@ cross-fitted scores, as the doubly robust literature does.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from phenotyper.contract import (
 from phenotyper.models import PanelFeatures
 from phenotyper.panel import NUMERIC_MARKERS
 from phenotyper.rules import immunosep_phenotype
+from phenotyper.suggest import did_you_mean
 
 IPW, AIPW = "ipw", "aipw"
 # Pseudo-phenotypers judged beside the real ones: treat nobody (placebo for all) and, on
@@ -98,8 +98,7 @@ class OutcomeSpec:
     def __post_init__(self) -> None:
         for name, higher in self.higher_is_better.items():
             if name not in self.outcomes:
-                near = difflib.get_close_matches(name, self.outcomes, n=1)
-                hint = f" Did you mean '{near[0]}'?" if near else ""
+                hint = did_you_mean(name, self.outcomes)
                 raise OutcomeError(f"a direction is given for '{name}', which is not one of the "
                                    f"outcomes ({', '.join(self.outcomes)}).{hint}")
             known = HIGHER_IS_BETTER.get(name)
@@ -136,8 +135,7 @@ class OutcomeData:
 
 def _column(frame: pd.DataFrame, name: str, what: str) -> pd.Series:
     if name not in frame.columns:
-        near = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(name, [str(c) for c in frame.columns])
         raise OutcomeError(f"{what} column '{name}' is not in the cohort.{hint} Name it in the "
                            "mapping file's [columns] or with the command's option.")
     return frame[name]

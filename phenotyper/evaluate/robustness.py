@@ -13,21 +13,14 @@ from phenotyper.contract import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_
 from phenotyper.evaluate.benchmark import Predictions
 from phenotyper.evaluate.metrics import _label_pairs
 from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS
+from phenotyper.presets import marker_values
 
-# Re-measurement scenarios: coefficient of variation per marker (REFERENCE.md).
+# Re-measurement scenarios, each a coefficient of variation per marker, read from the marker
+# law with their sources (presets/_markers.toml): the same sample run again in the same
+# laboratory, and the same patient measured in another laboratory, on another platform.
 ASSAY_NOISE_CV: dict[str, dict[str, float]] = {
-    # The same sample run again in the same laboratory.
-    "within_lab": {
-        "ferritin_ng_ml": 0.089,  # between-run CV 8.9% (Garcia-Casal 2018)
-        "hla_dr_mab_per_cell": 0.032,  # intra-assay CV 1.9-3.2% (Demaret 2013)
-        "other": 0.05,  # assumption: typical analytical CV of routine assays
-    },
-    # The same patient measured in another laboratory, on another platform.
-    "between_labs": {
-        "ferritin_ng_ml": 0.229,  # between-platform median CV 22.9% (Braga 2022)
-        "hla_dr_mab_per_cell": 0.20,  # inter-laboratory CV 15-25% (Docke 2005)
-        "other": 0.10,  # assumption: between-platform CV of routine assays
-    },
+    "within_lab": marker_values("assay_cv"),
+    "between_labs": marker_values("between_lab_cv"),
 }
 # The agreement gate compares a model's kappa with the rule to the rule's kappa with itself
 # when the same patients are measured in another laboratory.
@@ -41,7 +34,7 @@ def remeasure(X: pd.DataFrame, cv_by_marker: Mapping[str, float], rng: np.random
     out = X.copy()
     for column in NUMERIC_MARKERS:
         if column in out and column not in LINEAR_SCALE_MARKERS:
-            cv = cv_by_marker.get(column, cv_by_marker["other"])
+            cv = cv_by_marker[column] if column in cv_by_marker else cv_by_marker["other"]
             sd = np.sqrt(np.log1p(cv**2))
             out[column] = out[column].to_numpy(dtype=float) * np.exp(rng.normal(0, sd, len(out)))
     return out

@@ -6,14 +6,17 @@ champion once on the held-out patients."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import itertools
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
-from sklearn.model_selection import GroupKFold, GroupShuffleSplit, cross_val_predict
+from sklearn.model_selection import (
+    GridSearchCV,
+    GroupKFold,
+    GroupShuffleSplit,
+    cross_val_predict,
+)
 
 from phenotyper.cohort import read_cohort
 from phenotyper.contract import PHENOTYPES
@@ -33,6 +36,7 @@ from phenotyper.models import LogitRecalibrated, build_candidate
 from phenotyper.panel import PANEL, PATIENT_ID, SITE_ID
 from phenotyper.rules import reference_rules
 from phenotyper.simulate import is_synthetic, simulate
+from phenotyper.suggest import did_you_mean
 from phenotyper.training.results import CandidateResult, TrainingResult
 from phenotyper.training.spec import (
     CALIBRATION_TOLERANCE,
@@ -82,8 +86,7 @@ def read_label_column(spec: ExperimentSpec, cohort: pd.DataFrame,
     Stops with an ExperimentError when no row has a label or a phenotype has no patient.
     """
     if spec.label not in cohort:
-        near = difflib.get_close_matches(spec.label, [str(c) for c in cohort.columns], n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(spec.label, [str(c) for c in cohort.columns])
         raise ExperimentError(f"label column '{spec.label}' is not in the cohort.{hint}")
     reading = read_labels(cohort[spec.label], spec.label, recode)
     if not reading.n_labelled:
@@ -148,16 +151,18 @@ def tune(spec: ExperimentSpec, kind: str, train: pd.DataFrame, y: np.ndarray,
                 f"{spec.cv_folds} (the training split has {have})",
                 also=", lower split.cv_folds"))
     grid = spec.candidates[kind]
-    rows = []
-    for values in itertools.product(*grid.values()):
-        params = dict(zip(grid, values, strict=True))
-        scores = []
-        for fit_rows, score_rows in folds:
-            model = build_candidate(kind, features, params)
-            model.fit(train.iloc[fit_rows], y[fit_rows])
-            scores.append(_score(model, train.iloc[score_rows], y[score_rows], scorer))
-        rows.append({**params, "cv_mean": float(np.mean(scores)), "cv_sd": float(np.std(scores))})
-    table = pd.DataFrame(rows)
+    # scikit-learn's search on the same folds, no refit (the calibration check decides what is
+    # refitted); it runs in parallel under `joblib.parallel_config(n_jobs=...)`.
+    search = GridSearchCV(build_candidate(kind, features),
+                          {f"classifier__{key}": values for key, values in grid.items()},
+                          scoring=scorer, cv=folds, refit=False, error_score="raise")
+    search.fit(train, y)
+    results = search.cv_results_
+    sign = -1.0 if scorer.startswith("neg_") else 1.0  # log loss positive, lower is better
+    table = pd.DataFrame({
+        **{key: [_plain(value) for value in results[f"param_classifier__{key}"]]
+           for key in grid},
+        "cv_mean": sign * results["mean_test_score"], "cv_sd": results["std_test_score"]})
     best = table["cv_mean"].idxmax() if higher_better else table["cv_mean"].idxmin()
     best_params = {key: _plain(table.loc[best, key]) for key in grid}
     base = build_candidate(kind, features, best_params)
@@ -170,14 +175,6 @@ def tune(spec: ExperimentSpec, kind: str, train: pd.DataFrame, y: np.ndarray,
     estimator.fit(train, y)
     return CandidateResult(kind, estimator, best_params, float(table.loc[best, "cv_mean"]),
                            table, calibration, off)
-
-
-def _score(model: Any, X: pd.DataFrame, y: np.ndarray, scorer: str) -> float:
-    """The selection metric in its natural sign (log loss positive, lower is better)."""
-    from sklearn.metrics import get_scorer
-
-    value = get_scorer(scorer)(model, X, y)
-    return -value if scorer.startswith("neg_") else value
 
 
 def _plain(value: Any) -> Any:

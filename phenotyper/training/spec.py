@@ -3,7 +3,6 @@ file and the key, and the defaults `phenotyper train --cohort` runs without one.
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from phenotyper.contract import HIGHER_IS_BETTER
 from phenotyper.evaluate.outcomes import OutcomeError, OutcomeSpec
 from phenotyper.models import CANDIDATES
 from phenotyper.panel import PANEL
+from phenotyper.suggest import did_you_mean
 
 REFERENCE_RULE = "immunosep"
 CHAMPION = "champion"
@@ -97,8 +97,7 @@ class ExperimentSpec:
 
 def _unknown(where: str, keys: set[str], allowed: set[str]) -> None:
     for key in sorted(keys - allowed):
-        near = difflib.get_close_matches(key, sorted(allowed), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(key, sorted(allowed))
         raise ExperimentError(f"{where}: unknown key '{key}'.{hint} "
                               f"Allowed: {', '.join(sorted(allowed))}.")
 
@@ -238,8 +237,7 @@ def check_spec(spec: ExperimentSpec, where: str) -> None:
 
     def choose(key: str, value: str, options: tuple[str, ...] | list[str]) -> None:
         if value not in options:
-            near = difflib.get_close_matches(value, list(options), n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
+            hint = did_you_mean(value, list(options))
             raise ExperimentError(f"{where}: {key} '{value}' is not known.{hint} "
                                   f"Choose from {', '.join(options)}.")
 
