@@ -22,8 +22,8 @@ UV_VERSION := 0.13.9
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 # The tests that talk to XGBoost, also run on the oldest supported Python (`test-oldest`),
 # whose lock resolves an older XGBoost than the newest Python's.
-XGBOOST_TESTS := tests/test_explain.py tests/test_packaged.py tests/test_serving.py \
-	tests/test_score.py
+XGBOOST_TESTS := tests/packaged/test_explain.py tests/packaged/test_packaged.py \
+	tests/scoring/test_serving.py tests/scoring/test_score.py
 OLDEST_PYTHON ?= 3.11
 OLDEST_VENV := .venv-py$(OLDEST_PYTHON)
 
@@ -78,8 +78,11 @@ demo: setup
 	@echo "Scored cohort and its report: reports/scored/"
 	@echo "Runs and registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
+# Style, then the import layers (pyproject's [tool.importlinter]: a circle or an upward import
+# fails).
 lint: setup
 	$(BIN)/ruff check phenotyper tests benchmarks
+	$(BIN)/lint-imports
 
 test: setup lint
 	$(BIN)/python -m pytest

@@ -14,6 +14,7 @@ IMMUNOPARALYSIS = "immunoparalysis"
 UNCLASSIFIED = "unclassified"
 INDETERMINATE = "indeterminate"  # the rule lacks a marker it needs: not the same as unclassified
 PHENOTYPES: tuple[str, ...] = (MALS, IMMUNOPARALYSIS, UNCLASSIFIED)
+PREDICTED_LABELS: tuple[str, ...] = (*PHENOTYPES, INDETERMINATE)  # what a phenotyper may answer
 
 # The ImmunoSep rule's cut-offs (REFERENCE.md): ferritin > 4420 ng/mL is MALS; otherwise HLA-DR
 # < 5000 antibodies per monocyte is immunoparalysis.

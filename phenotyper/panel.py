@@ -152,3 +152,7 @@ def sex_code(values: Iterable[object]) -> np.ndarray:
     a missing value included, NaN."""
     return np.array([SEX_CODE.get(value, np.nan) if isinstance(value, str) else np.nan
                      for value in values], dtype=float)
+
+# Where SOFA and age are centred in outcome models: the simulator's outcome law and the
+# evaluator's adjusted models, so their coefficients read alike.
+SOFA_REFERENCE, AGE_REFERENCE_YEARS = 9.0, 70.0

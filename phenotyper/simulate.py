@@ -40,7 +40,15 @@ from phenotyper.contract import (
     TRUE_PHENOTYPE,
     potential_outcome_column,
 )
-from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL, PATIENT_ID, SEX_VALUES, SITE_ID
+from phenotyper.panel import (
+    AGE_REFERENCE_YEARS,
+    LINEAR_SCALE_MARKERS,
+    PANEL,
+    PATIENT_ID,
+    SEX_VALUES,
+    SITE_ID,
+    SOFA_REFERENCE,
+)
 from phenotyper.presets import available_presets
 from phenotyper.rules import immunosep_phenotype
 from phenotyper.suggest import did_you_mean
@@ -50,7 +58,6 @@ NOTE_KEYS: tuple[str, ...] = ("source", "assumption", "calibrated")
 LAB_MARKERS = tuple(column for column in PANEL if column != "sex")
 CYTOKINES = ("il6_pg_ml", "il10_pg_ml")
 AGE_MAX_YEARS = 100
-SOFA_REFERENCE, AGE_REFERENCE_YEARS = 9.0, 70.0
 
 TRUTH_COLUMN = TRUE_PHENOTYPE
 RULE_COLUMN = "phenotype_rule"

@@ -17,15 +17,14 @@ from phenotyper.contract import (
     ARM_OF,
     ARMS,
     IMMUNOPARALYSIS,
-    INDETERMINATE,
     INTERFERON_GAMMA,
     MALS,
     PHENOTYPES,
     PLACEBO,
+    PREDICTED_LABELS,
 )
 from phenotyper.rules import is_probabilistic
 
-PREDICTED_LABELS: tuple[str, ...] = (*PHENOTYPES, INDETERMINATE)
 K = len(PHENOTYPES)
 
 # What a clinician does with each phenotype: ImmunoSep's treatments (contract.ARM_OF); placebo

@@ -43,16 +43,17 @@ from phenotyper.contract import (
     ARM_WORDS,
     ARMS,
     HIGHER_IS_BETTER,
-    INDETERMINATE,
     PHENOTYPES,
     PLACEBO,
+    PREDICTED_LABELS,
     TREATMENT,
     TRUE_PHENOTYPE,
     UNCLASSIFIED,
     potential_outcome_column,
 )
+from phenotyper.evaluate.bootstrap import CONFIDENCE
 from phenotyper.models import PanelFeatures
-from phenotyper.panel import NUMERIC_MARKERS
+from phenotyper.panel import AGE_REFERENCE_YEARS, NUMERIC_MARKERS, SOFA_REFERENCE
 from phenotyper.rules import immunosep_phenotype
 from phenotyper.suggest import did_you_mean
 
@@ -60,16 +61,13 @@ IPW, AIPW = "ipw", "aipw"
 # Pseudo-phenotypers judged beside the real ones: treat nobody (placebo for all) and, on
 # simulated cohorts, the two ceilings.
 NOBODY, BY_TRUE_PHENOTYPE, BEST_ARM = "nobody", "true_phenotype", "best_arm"
-PREDICTED_LABELS: tuple[str, ...] = (*PHENOTYPES, INDETERMINATE)
 DRUGS: tuple[str, ...] = tuple(arm for arm in ARMS if arm != PLACEBO)
 PROPENSITY_FLOOR = 0.01  # estimated propensities are clipped here (and the count reported)
 # An estimate needing an arm that more than this share of its patients could not have received
 # (estimated probability below PROPENSITY_FLOOR) is not given: the data cannot support it.
 MAX_UNSUPPORTED_SHARE = 0.01
 CROSS_FIT_FOLDS = 5
-CONFIDENCE = 0.95
 _Z = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))
-SOFA_REFERENCE, AGE_REFERENCE_YEARS = 9.0, 70.0  # centring of the adjusted models
 _OUTCOME_WORDS = {"1": 1.0, "0": 0.0, "true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0,
                   "y": 1.0, "n": 0.0, "1.0": 1.0, "0.0": 0.0}
 MIN_ARM_PATIENTS = 10  # a treatment effect needs this many patients on each arm compared

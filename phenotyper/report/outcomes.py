@@ -14,9 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from phenotyper import markdown
-from phenotyper.contract import ARM_OF
+from phenotyper.contract import ARM_OF, PREDICTED_LABELS
 from phenotyper.evaluate.benchmark import MISSING, Numbers
-from phenotyper.evaluate.metrics import PREDICTED_LABELS
 from phenotyper.evaluate.outcomes import (
     AIPW,
     BEST_ARM,

@@ -15,7 +15,7 @@ from phenotyper.packaged.model import PackagedPhenotyper
 from phenotyper.serving import running_server, score
 from phenotyper.tracking.registry import load_packaged
 
-FIXTURE = Path(__file__).parent / "fixtures" / "model_0_1_0"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "model_0_1_0"
 MODEL = FIXTURE / "model"
 
 
@@ -49,6 +49,7 @@ def test_the_installed_code_scores_an_old_model_as_it_was_scored(patients, expec
     _same(load_packaged(str(MODEL)).predict(patients, explain="all"), expected)
 
 
+@pytest.mark.slow
 def test_the_scoring_server_scores_an_old_model_as_it_was_scored(patients, expected) -> None:
     records = json.loads(patients.to_json(orient="records"))
     with running_server(model=str(MODEL)) as url:

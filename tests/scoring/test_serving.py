@@ -17,6 +17,8 @@ from phenotyper.simulate import simulate
 from phenotyper.tracking import registry
 from phenotyper.training.spec import ExperimentSpec
 
+pytestmark = pytest.mark.slow
+
 SMALL = {"logistic": {"C": [1.0]}}
 
 

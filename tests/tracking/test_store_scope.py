@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 
 import mlflow
+import pytest
 from mlflow.tracking import MlflowClient
 
 from phenotyper.runs.train import train
 from phenotyper.tracking.registry import store_uri, using_store
 from phenotyper.training.spec import ExperimentSpec
+
+pytestmark = pytest.mark.slow
 
 SPEC = ExperimentSpec(name="scope", registered_model="scoped", label="phenotype_true",
                       preset="provide", n=1200, cohort_seed=3,

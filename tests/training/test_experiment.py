@@ -25,7 +25,7 @@ from phenotyper.training.spec import (
     load_spec,
 )
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 SMALL = {"logistic": {"C": [1.0]}, "xgboost": {"max_depth": [2], "n_estimators": [60]}}
 
 

@@ -15,6 +15,8 @@ from phenotyper.runs.score import score_file
 from phenotyper.scoring.request import ScoreRequest
 from phenotyper.simulate import simulate
 
+pytestmark = pytest.mark.slow
+
 MODEL = "models:/batchmodel/1"  # registered by the `store` fixture (conftest.py)
 runner = CliRunner(env={"COLUMNS": "200"})
 
