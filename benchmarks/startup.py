@@ -38,7 +38,8 @@ COMMANDS = ("validate", "simulate", "benchmark", "train", "promote", "model-card
 ENTRY = "from phenotyper.cli import main; main()"
 # What Typer itself costs to render a help page (Typer >= 0.29 builds pydantic adapters for
 # the parameters): a one-command app with one option, the floor any Typer CLI starts from.
-TRAIN = ("from phenotyper.experiment import ExperimentSpec, train\n"
+TRAIN = ("from phenotyper.runs.train import train\n"
+         "from phenotyper.training.spec import ExperimentSpec\n"
          "train(ExperimentSpec(name='startup', registered_model='immunophenotyper', "
          "label='phenotype_true', preset='immunosep-screening', n=3000, candidates="
          "{'xgboost': {'max_depth': [3], 'n_estimators': [300]}}, bootstrap=20, "
