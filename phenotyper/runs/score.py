@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from phenotyper.cohort import Cohort, open_cohort
 from phenotyper.files import atomic_path, file_sha256
-from phenotyper.report.scoring import score_report_html
 from phenotyper.scoring.checks import output_schema, row_checks
 from phenotyper.scoring.local import local_blocks, read_ahead, writer
 from phenotyper.scoring.request import ScoreRequest, Timer, check_request
@@ -105,6 +104,9 @@ def _score(request: ScoreRequest, client: MlflowClient,
             "synthetic_input": "synthetic" in opened.header,  # the simulator's marker column
         }
         if request.report_path is not None:
+            # the report (matplotlib, Jinja2) loads only when one is asked for
+            from phenotyper.report.scoring import score_report_html
+
             html = score_report_html(summary, manifest)
             publish.enter_context(atomic_path(request.report_path)).write_text(
                 html, encoding="utf-8")
