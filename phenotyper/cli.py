@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from phenotyper.cohort import QualityReport
     from phenotyper.evaluate.benchmark import Benchmark
     from phenotyper.simulate import Preset
+    from phenotyper.training.results import LatentResult
 
 # Each command imports the layers it drives when it runs, not here: `phenotyper --help` and a
 # light command (`validate`) then load no numpy, scikit-learn, MLflow or XGBoost they do not use.
@@ -173,6 +174,9 @@ def train(
         help="Registered model name (with --cohort).")] = None,
     mapping: Annotated[Path | None, typer.Option(
         help="TOML mapping of the cohort's columns and units (with --cohort).")] = None,
+    supervision: Annotated[str | None, typer.Option(
+        help="Learn latent classes (with --cohort): none (no labels), partial (a few in "
+             "--label) or noisy-rule (start from the ImmunoSep rule).")] = None,
 ) -> None:
     """Train, benchmark against the rules, log to MLflow, register, and apply the gate."""
     from phenotyper.cohort import CohortError
@@ -180,25 +184,30 @@ def train(
     from phenotyper.runs.train import train as run_training
     from phenotyper.simulate import PresetError
     from phenotyper.tracking.registry import store_uri
-    from phenotyper.training.spec import ExperimentError, default_spec, load_spec
+    from phenotyper.training.label_free import LATENT
+    from phenotyper.training.spec import SUPERVISED, ExperimentError, default_spec, load_spec
 
     try:
         if experiment is not None:
-            if cohort or label or name:
-                exit_with_error("Give either an experiment file or --cohort/--label/--name.")
+            if cohort or label or name or supervision:
+                exit_with_error("Give either an experiment file or --cohort/--label/--name"
+                                "/--supervision.")
             spec = load_spec(experiment)
-        elif cohort and label and name:
-            spec = default_spec(cohort, label, name, mapping)
+        elif cohort and name and (label or supervision):
+            spec = default_spec(cohort, label, name, mapping, supervision or SUPERVISED)
         else:
-            exit_with_error("Give an experiment file, or all of --cohort, --label and --name.")
+            exit_with_error("Give an experiment file, or --cohort and --name with --label "
+                            "(supervised) or --supervision none|partial|noisy-rule.")
         outcome = run_training(spec, store_uri())
     except (ExperimentError, CohortError, EvaluationError, PresetError) as error:
         exit_with_error(str(error))
-    shown = ["immunosep", *outcome.result.candidates, "two_marker", "champion"]
+    shown = ["immunosep", LATENT, *outcome.result.candidates, "two_marker", "champion"]
     _print_headline(outcome.result.benchmark, shown)
     console = Console()
     labels = outcome.result.labels  # what the label said, what was left out and why
-    if labels:
+    if outcome.result.latent is not None:
+        _print_latent(console, outcome.result.latent)
+    elif labels:
         left_out = labels["n_unlabelled"] + labels["n_unreadable"]
         console.print(Text(labels["summary"], style="yellow" if left_out else ""))
         if labels.get("warning"):
@@ -209,6 +218,19 @@ def train(
         f"{verdict}. {outcome.decision.reason}.", style="bold"))
     console.print(Text(f"Tracking: {outcome.tracking_uri}  run {outcome.run_id}. Browse with: "
                        f"mlflow ui --backend-store-uri {outcome.tracking_uri}"))
+
+
+def _print_latent(console: Console, latent: LatentResult) -> None:
+    """What a label-free training found: BIC's choice, the named classes, stability."""
+    sizes = ", ".join(f"{p} {n:,}" for p, n in latent.sizes.items())
+    console.print(Text(
+        f"Latent classes ({latent.mode}): BIC prefers {latent.preferred_k} classes; three "
+        f"fitted and named by their profiles ({sizes} training patients)."))
+    if latent.stability.get("refits"):
+        console.print(Text(f"Stability: {latent.stability['kept_mean']:.1%} of patients kept "
+                           f"their class over {latent.stability['refits']} bootstrap refits."))
+    for warning in latent.warnings:
+        console.print(Text(f"Warning: {warning}.", style="bold yellow"))
 
 
 @app.command()

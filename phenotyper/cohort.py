@@ -313,6 +313,20 @@ class CohortFile:
         yield from blocks
 
 
+def censored_cells(cohort: Cohort) -> dict[str, np.ndarray]:
+    """Per marker with censored results, a sign per data row: -1 where the value kept is an
+    upper bound ("<0.5": the true value is at most it), +1 a lower bound (">100000"), 0 a
+    plain value. The latent-class fit reads these cells as intervals (`latent.intervals`)."""
+    signs: dict[str, np.ndarray] = {}
+    issues = cohort.issues
+    for kind, sign in ((CENSORED_LOW, -1), (CENSORED_HIGH, 1)):
+        chosen = issues[issues["kind"] == kind]
+        for column, rows in chosen.groupby("column")["row"]:
+            positions = rows.to_numpy(dtype=int) - cohort.first_row
+            signs.setdefault(str(column), np.zeros(len(cohort.data), np.int8))[positions] = sign
+    return signs
+
+
 def open_cohort(path: str | Path, mapping: str | Path | None = None,
                 block_rows: int | None = BLOCK_ROWS, csv_reader: str = "arrow") -> CohortFile:
     """Open a CSV/TSV/TXT or Parquet cohort file for block-wise reading (whole-file checks);

@@ -35,6 +35,9 @@ SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are 
 OK = "ok"
 NOT_SCORED = "not scored"
 MODEL_REJECTED = "rejected_by_model"
+# A label-free model's latent-class posterior beside the distilled candidate's answer.
+LATENT_PROB_PREFIX = "latent_prob_"
+LATENT_ENTROPY = "latent_entropy"
 # What a scored row explains: the predicted phenotype's logit, every phenotype's, or nothing.
 EXPLAIN_MODES = ("predicted", "all", "none")
 

@@ -23,9 +23,10 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.class_weight import compute_sample_weight
 from xgboost import XGBClassifier
 
+from phenotyper.contract import PHENOTYPES
+from phenotyper.latent import Mixture, posterior
 from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PANEL, sex_code, to_log_scale
 
 CANDIDATES = ("logistic", "xgboost")
@@ -89,11 +90,16 @@ class WeightedXGBClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: Sequence[Any]) -> WeightedXGBClassifier:
+    def fit(self, X: np.ndarray, y: Sequence[Any],
+            sample_weight: np.ndarray | None = None) -> WeightedXGBClassifier:
+        """`sample_weight`: per-row weights (a distilled posterior's soft labels); balanced
+        class weights then balance the classes' weighted totals."""
         self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
-        weight = (compute_sample_weight(self.class_weight, codes)
-                  if self.class_weight else np.ones(len(codes)))
-        self.class_weight_ = np.array([weight[codes == k][0] for k in range(len(self.classes_))])
+        rows = np.ones(len(codes)) if sample_weight is None else np.asarray(sample_weight, float)
+        totals = np.bincount(codes, weights=rows, minlength=len(self.classes_))
+        self.class_weight_ = (totals.sum() / (len(self.classes_) * totals)
+                              if self.class_weight else np.ones(len(self.classes_)))
+        weight = rows * self.class_weight_[codes]
         self.booster_ = XGBClassifier(
             n_estimators=self.n_estimators, max_depth=self.max_depth,
             learning_rate=self.learning_rate, min_child_weight=self.min_child_weight,
@@ -148,6 +154,25 @@ class LogitRecalibrated(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         return self.calibrator_.predict_proba(self.base_.decision_function(X))
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class LatentClassifier(ClassifierMixin, BaseEstimator):
+    """A fitted latent-class mixture (named, `latent.named`) as a phenotyper: the posterior
+    over PHENOTYPES from the markers it models, missing ones marginalised."""
+
+    def __init__(self, mixture: Mixture | None = None) -> None:
+        self.mixture = mixture
+
+    def fit(self, X: pd.DataFrame, y: object = None) -> LatentClassifier:
+        """Nothing to learn: the mixture was fitted by `latent.fit_mixture`."""
+        self.classes_ = np.array(PHENOTYPES, dtype=object)
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return posterior(self.mixture, X)
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]

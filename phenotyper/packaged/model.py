@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from phenotyper.contract import EXPLAIN_MODES, OK
+from phenotyper.contract import EXPLAIN_MODES, LATENT_ENTROPY, LATENT_PROB_PREFIX, OK
 from phenotyper.immunosep import RULE_MARKERS, immunosep_phenotype
+from phenotyper.latent import Mixture, entropy, log_posterior
 from phenotyper.packaged.adapters import ADAPTERS
 from phenotyper.packaged.format import READABLE_FORMAT_VERSIONS, SPEC_FILE
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES, SEX_CODE, to_log_scale
@@ -57,6 +58,29 @@ class PackagedPhenotyper:
                         for name in self.features]
         self._logged = [j for j, name in enumerate(self.features)  # sex is coded, not logged
                         if name in self.spec["log_features"] and name != "sex"]
+        # a label-free model also carries the latent-class mixture it was distilled from
+        self.latent = Mixture.from_dict(self.spec["latent"]) if "latent" in self.spec else None
+        self._latent_columns = ([] if self.latent is None else
+                                [self.features.index(c) for c in self.latent.columns])
+
+    def output_columns(self) -> list[str]:
+        """The latent-class columns of the output (none for a supervised model)."""
+        if self.latent is None:
+            return []
+        return [*(f"{LATENT_PROB_PREFIX}{name}" for name in self.latent.classes), LATENT_ENTROPY]
+
+    def _latent(self, X: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
+        """The mixture's posterior and its entropy per row (NaN where the row is not scored);
+        the features are already on the mixture's scale (log lab markers, linear SOFA/age)."""
+        x = X[:, self._latent_columns]
+        low, high = np.where(np.isnan(x), -np.inf, x), np.where(np.isnan(x), np.inf, x)
+        proba = np.full((len(X), self.latent.n_classes), np.nan)
+        if ok.any():
+            proba[ok] = np.exp(log_posterior(self.latent, low[ok], high[ok]))
+        names = self.output_columns()
+        with np.errstate(invalid="ignore"):
+            return {**{name: proba[:, k] for k, name in enumerate(names[:-1])},
+                    names[-1]: np.where(ok, entropy(np.nan_to_num(proba)), np.nan)}
 
     @property
     def explainer(self) -> Any:
@@ -174,6 +198,8 @@ class PackagedPhenotyper:
                 rule["ferritin_threshold_ng_ml"], rule["hla_dr_threshold_mab_per_cell"]),
             "status": status,
         }
+        if self.latent is not None:
+            out.update(self._latent(X, ok))
         if explain != "none":
             chosen = contributions[np.arange(n), np.maximum(predicted, 0)]  # (n, F)
             out["shap_base"] = np.where(ok, base[np.maximum(predicted, 0)], np.nan)

@@ -58,6 +58,9 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
     two_marker = "two_marker" if result.two_marker is not None else None
     labels = result.labels
     by_site = spec.split_by == "site"
+    reference = spec.label or labels.get("reference")
+    metric = ("soft-label log loss against the latent posterior" if result.latent is not None
+              else spec.selection_metric)
     lines = [f"**{SYNTHETIC_BANNER}**", ""] if synthetic else []
     lines += [
         f"# Model card: {spec.registered_model}, version {version}",
@@ -70,6 +73,8 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
     ]
     if labels.get("warning"):
         lines += [f"> **The label is the rule.** {labels['warning']}", ""]
+    if result.latent is not None:
+        lines += latent_section(result)
     lines += [
         "## Intended use",
         "",
@@ -94,10 +99,11 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
          f"({result.cohort_source}); the numbers below check the software and are not "
          "clinical evidence." if synthetic else
          f"The user's cohort `{result.cohort_source}`; the reference phenotype is the "
-         f"`{spec.label}` column, and the model is only as good as that label."),
+         f"`{reference}` column, and the model is only as good as that label."),
         "",
-        f"- Reference label `{spec.label}`: "
-        + LABEL_DEFINITIONS.get(spec.label, "as supplied in the cohort; phenotyper does not "
+        f"- Reference label `{reference}`"
+        + (" (judged against, never fitted)" if result.latent is not None else "") + ": "
+        + LABEL_DEFINITIONS.get(reference, "as supplied in the cohort; phenotyper does not "
                                 "know who assigned it, so say so in the experiment's "
                                 "description") + ".",
     ]
@@ -125,7 +131,7 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
         "## Model",
         "",
         f"`{selected}`, chosen by {spec.cv_folds}-fold grouped cross-validation on "
-        f"{spec.selection_metric} inside the training set (CV {spec.selection_metric} "
+        f"{metric} inside the training set (CV {metric} "
         f"{candidate.cv_score:.4f}); parameters {candidate.best_params}. Out-of-fold "
         "calibration (intercept, slope) per phenotype: "
         + ", ".join(f"{p} ({i:+.2f}, {s:.2f})" for p, (i, s) in candidate.calibration.items())
@@ -236,3 +242,47 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
     if synthetic:
         lines.append("- Every number here comes from synthetic patients.")
     return "\n".join(lines) + "\n"
+
+
+NAMING_RULES = ("MALS is the class with the highest ferritin; immunoparalysis the lowest "
+                "monocyte HLA-DR and lymphocytes; unclassified the rest (the ImmunoSep "
+                "definitions, matched on the class profiles alone, never on labels)")
+MODE_WORDS = {
+    "none": "from the markers alone, without any label",
+    "partial": "from the markers, with a few adjudicated patients anchoring their classes",
+    "noisy-rule": "from the markers, starting from the ImmunoSep rule's answers, whose error "
+                  "rates against the learned classes were then estimated",
+}
+
+
+def latent_section(result: TrainingResult) -> list[str]:
+    """The card's account of phenotypes learned without (or with few) labels."""
+    latent = result.latent
+    lines = ["## Phenotypes learned without labels", "",
+             f"The phenotypes were learned {MODE_WORDS[latent.mode]}: a {latent.mixture.covariance}"
+             "-covariance Gaussian mixture over the lab markers (log scale; SOFA and age "
+             "linear), fitted by EM with missing markers marginalised and censored results as "
+             f"intervals. Three classes were fitted and named: {NAMING_RULES}. The selected "
+             "model was distilled from the mixture's posterior (soft labels as weights); the "
+             "output's `latent_prob_*` columns are the mixture's own posterior.", ""]
+    lines += markdown.table(
+        ("classes", "BIC", "ICL", "entropy", "iterations"),
+        [(int(r.classes), f"{r.bic:,.0f}", f"{r.icl:,.0f}", f"{r.entropy:.3f}",
+          int(r.iterations)) for r in latent.sweep.itertuples()])
+    lines += ["", f"BIC prefers **{latent.preferred_k}** classes. Training patients by class: "
+              + ", ".join(f"{p} {n:,}" for p, n in latent.sizes.items()) + ".", ""]
+    lines += markdown.table(("class", *PHENOTYPES), [
+        (name, *(f"{scores[p]:+.2f}" for p in PHENOTYPES))
+        for name, scores in latent.naming.scores.items()])
+    lines += ["", "Profile scores per fitted class (standardised class means; the one-to-one "
+              "match with the highest total names the classes).", ""]
+    stability = latent.stability
+    if stability.get("refits"):
+        lines.append(f"- Stability: over {stability['refits']} bootstrap refits, on average "
+                     f"{stability['kept_mean']:.1%} of patients kept their class (lowest "
+                     f"{stability['kept_min']:.1%}).")
+    lines.append("- Distillation, mean |candidate probability - posterior| on the test "
+                 "patients: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                          latent.distillation.items()) + ".")
+    lines += [f"- Warning: {warning}." for warning in latent.warnings]
+    return [*lines, ""]

@@ -13,6 +13,7 @@ import mlflow
 from phenotyper.packaged import PackagedPhenotyper
 from phenotyper.packaged.format import ARTIFACT
 from phenotyper.plots import SAVE_KWARGS
+from phenotyper.plots.latent import profile_figure
 from phenotyper.plots.shap import cohort_figures, waterfall_figure
 from phenotyper.report.benchmark import write_benchmark
 from phenotyper.report.card import model_card
@@ -32,8 +33,9 @@ from phenotyper.tracking.registry import (
 from phenotyper.training.export import export
 from phenotyper.training.fit import fit_and_evaluate
 from phenotyper.training.gate import promotion_decision
+from phenotyper.training.label_free import fit_label_free
 from phenotyper.training.results import GateDecision, TrainingResult
-from phenotyper.training.spec import ExperimentSpec
+from phenotyper.training.spec import SUPERVISED, ExperimentSpec
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ def train(spec: ExperimentSpec, tracking_uri: str | None = None) -> TrainingOutc
         if current is not None:
             champion = load_model(f"models:/{spec.registered_model}@{CHAMPION_ALIAS}")
         with experiment_run(spec.name, run_name=spec.name) as run:
-            result = fit_and_evaluate(spec, champion)
+            fit = fit_and_evaluate if spec.supervision == SUPERVISED else fit_label_free
+            result = fit(spec, champion)
             log_training(result)
             version = _log_reports_and_model(result)
             decision = promotion_decision(result, current)
@@ -83,12 +86,15 @@ def _log_reports_and_model(result: TrainingResult) -> str:
     selected = result.candidates[result.selected].estimator
     with tempfile.TemporaryDirectory() as folder:
         exported = Path(folder) / ARTIFACT
-        export(selected, exported)
+        export(selected, exported, None if result.latent is None else result.latent.mixture)
         packaged = PackagedPhenotyper(exported)
         figures = {**cohort_figures(packaged, result.test),
                    "waterfall_first_test_patient.png":
                        waterfall_figure(packaged, result.test.head(1))}
         for name, figure in figures.items():
             mlflow.log_figure(figure, f"shap/{name}", save_kwargs=SAVE_KWARGS)
+        if result.latent is not None:
+            mlflow.log_figure(profile_figure(result.latent.profile),
+                              "latent/class_profiles.png", save_kwargs=SAVE_KWARGS)
         return log_packaged_model(exported, result.test, result.features,
                                   result.spec.registered_model)

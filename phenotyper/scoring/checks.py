@@ -11,7 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from phenotyper.cohort import IMPLAUSIBLE, NEGATIVE, UNKNOWN_CATEGORY, UNPARSEABLE, Cohort
-from phenotyper.contract import EXPLAIN_MODES, MODEL_REJECTED, NOT_SCORED, OK
+from phenotyper.contract import (
+    EXPLAIN_MODES,
+    LATENT_ENTROPY,
+    LATENT_PROB_PREFIX,
+    MODEL_REJECTED,
+    NOT_SCORED,
+    OK,
+)
 from phenotyper.packaged.model import PackagedPhenotyper
 from phenotyper.panel import PATIENT_ID, SITE_ID
 from phenotyper.scoring.request import ScoringError
@@ -20,6 +27,8 @@ ROW = "row"
 ISSUES = "issues"
 # Reader issues that reject a value: in a model feature, the model does not score the row.
 REJECTING = (UNPARSEABLE, NEGATIVE, IMPLAUSIBLE, UNKNOWN_CATEGORY)
+# Output columns (by prefix) that hold the model's numbers: empty where a row is not scored.
+_MODEL_NUMBERS = ("prob_", "shap_", LATENT_PROB_PREFIX, LATENT_ENTROPY)
 
 
 # --- the output contract ----------------------------------------------------------------------
@@ -32,6 +41,7 @@ def output_schema(model: PackagedPhenotyper, explain: str) -> pa.Schema:
     fields = [pa.field(ROW, pa.int64()), pa.field(PATIENT_ID, pa.string()),
               pa.field(SITE_ID, pa.string()), pa.field("phenotype", pa.string())]
     fields += [pa.field(f"prob_{name}", pa.float64()) for name in model.classes]
+    fields += [pa.field(name, pa.float64()) for name in model.output_columns()]
     fields += [pa.field(name, pa.string()) for name in ("rule_phenotype", "status", ISSUES)]
     if explain != "none":
         fields += [pa.field("shap_base", pa.float64())]
@@ -114,7 +124,7 @@ def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> Sco
     for column in schema:
         values = (reader if column.name in CHECKED else model)[column.name].cast(column.type)
         where, value = overrides.get(column.name, (
-            rejected if column.name.startswith(("prob_", "shap_")) else None, None))
+            rejected if column.name.startswith(_MODEL_NUMBERS) else None, None))
         if where is not None and where.any():
             value = value.cast(column.type) if isinstance(value, pa.ChunkedArray) else (
                 pa.scalar(value, column.type))

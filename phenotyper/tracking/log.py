@@ -24,7 +24,7 @@ from phenotyper.panel import PANEL, PATIENT_ID
 from phenotyper.tracking.registry import CHALLENGER_ALIAS, CHAMPION_ALIAS
 
 if TYPE_CHECKING:
-    from phenotyper.training.results import GateDecision, TrainingResult
+    from phenotyper.training.results import GateDecision, LatentResult, TrainingResult
 
 MODEL_ARTIFACT = "model"
 
@@ -110,7 +110,8 @@ def log_training(result: TrainingResult) -> None:
         with mlflow.start_run(run_name=kind, nested=True):
             mlflow.log_params(_flat_params(candidate.best_params, "best."))
             mlflow.log_params(_flat_params(spec.candidates[kind], "grid."))
-            mlflow.log_metric(f"cv_{spec.selection_metric}", candidate.cv_score)
+            mlflow.log_metric("cv_soft_label_log_loss" if result.latent is not None
+                              else f"cv_{spec.selection_metric}", candidate.cv_score)
             for phenotype, (intercept, slope) in candidate.calibration.items():
                 mlflow.log_metric(f"cv_calibration_intercept_{phenotype}", intercept)
                 mlflow.log_metric(f"cv_calibration_slope_{phenotype}", slope)
@@ -119,6 +120,32 @@ def log_training(result: TrainingResult) -> None:
             mlflow.log_metrics(_test_metrics(records, kind))
             mlflow.log_text(candidate.cv_table.to_csv(index=False), "cv_results.csv")
     mlflow.log_metrics(_test_metrics(records, result.selected))
+    if result.latent is not None:
+        log_latent(result.latent)
+
+
+def log_latent(latent: LatentResult) -> None:
+    """Into the active run: the latent classes' BIC over K, sizes, profiles, naming,
+    stability, distillation error and (noisy-rule) the rule's estimated error rates."""
+    mlflow.log_params({"supervision": latent.mode, "latent_preferred_k": latent.preferred_k,
+                       "latent_covariance": latent.mixture.covariance})
+    three = latent.sweep.set_index("classes").loc[3]
+    mlflow.log_metrics({
+        "latent_bic_k3": float(three.bic), "latent_icl_k3": float(three.icl),
+        "latent_entropy_k3": float(three.entropy),
+        **{f"latent_size_{p}": float(n) for p, n in latent.sizes.items()},
+        **{f"latent_stability_{k}": float(v) for k, v in latent.stability.items()},
+        **{f"distillation_mean_abs_error_{k}": v for k, v in latent.distillation.items()},
+        **({} if latent.site_association is None
+           else {"latent_site_cramers_v": latent.site_association})})
+    mlflow.log_table(latent.sweep, "latent/bic_by_classes.json")
+    mlflow.log_table(latent.profile.reset_index(), "latent/class_profiles.json")
+    mlflow.log_dict({"order": list(latent.naming.order), "scores": latent.naming.scores,
+                     "markers_used": {p: list(m) for p, m in latent.naming.used.items()},
+                     "warnings": list(latent.warnings)}, "latent/naming.json")
+    mlflow.log_dict(latent.mixture.as_dict(), "latent/mixture.json")
+    if latent.rule_errors is not None:
+        mlflow.log_table(latent.rule_errors, "latent/rule_error_rates.json")
 
 
 def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: Sequence[str],

@@ -10,13 +10,16 @@ from typing import Any
 import numpy as np
 
 from phenotyper.contract import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL
+from phenotyper.latent import Mixture
 from phenotyper.models import LogitRecalibrated, WeightedXGBClassifier
 from phenotyper.packaged.format import BOOSTER_FILE, FORMAT_VERSION, SPEC_FILE
 from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL
 
 
-def export(model: Any, folder: Path) -> Path:
-    """Write a fitted candidate as plain data into `folder`; returns the spec file."""
+def export(model: Any, folder: Path, latent: Mixture | None = None) -> Path:
+    """Write a fitted candidate as plain data into `folder`; returns the spec file.
+    `latent`: the mixture a label-free candidate was distilled from, carried as a new key
+    (the package-format rule: old keys unchanged) so scoring adds its posterior."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     calibration = None
@@ -53,6 +56,8 @@ def export(model: Any, folder: Path) -> Path:
         spec["scale_sd"] = scaler.scale_.tolist()
         spec["coef"] = classifier.coef_.tolist()
         spec["intercept"] = classifier.intercept_.tolist()
+    if latent is not None:
+        spec["latent"] = latent.as_dict()
     path = folder / SPEC_FILE
     path.write_text(json.dumps(spec, indent=1))
     return path

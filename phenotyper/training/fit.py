@@ -18,7 +18,7 @@ from sklearn.model_selection import (
     cross_val_predict,
 )
 
-from phenotyper.cohort import read_cohort
+from phenotyper.cohort import censored_cells, read_cohort
 from phenotyper.contract import PHENOTYPES
 from phenotyper.evaluate.benchmark import benchmark
 from phenotyper.evaluate.metrics import calibration_by_phenotype
@@ -51,11 +51,13 @@ from phenotyper.training.spec import (
 
 
 class LoadedCohort(NamedTuple):
-    """A cohort in panel columns, where it came from, and its mapping's `[labels]` recode."""
+    """A cohort in panel columns, where it came from, its mapping's `[labels]` recode, and its
+    censored cells (`cohort.censored_cells`)."""
 
     data: pd.DataFrame
     source: str
     label_recode: dict[str, str]
+    censored: dict[str, np.ndarray]
 
 
 def load_cohort(spec: ExperimentSpec) -> LoadedCohort:
@@ -64,9 +66,10 @@ def load_cohort(spec: ExperimentSpec) -> LoadedCohort:
     if spec.preset is not None:
         return LoadedCohort(simulate(spec.preset, spec.n, spec.cohort_seed),
                             f"simulated: preset {spec.preset}, n={spec.n}, "
-                            f"seed={spec.cohort_seed}", {})
+                            f"seed={spec.cohort_seed}", {}, {})
     cohort = read_cohort(spec.cohort_path, spec.mapping)
-    return LoadedCohort(cohort.data, str(spec.cohort_path), dict(cohort.label_recode))
+    return LoadedCohort(cohort.data, str(spec.cohort_path), dict(cohort.label_recode),
+                        censored_cells(cohort))
 
 
 def _missing_message(missing: tuple[str, ...], where: str, also: str = "") -> str:
@@ -184,7 +187,7 @@ def _plain(value: Any) -> Any:
 
 def fit_and_evaluate(spec: ExperimentSpec, champion: Any = None) -> TrainingResult:
     """Split, tune every candidate, and judge them with the rules (and champion) on the test set."""
-    cohort, source, recode = load_cohort(spec)
+    cohort, source, recode, _ = load_cohort(spec)
     if outcome_spec(spec) is not None:  # a wrong column stops before any training
         try:
             read_outcomes(cohort, outcome_spec(spec))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from phenotyper.contract import HIGHER_IS_BETTER
 from phenotyper.evaluate.benchmark import RULE_DETERMINATE
 from phenotyper.evaluate.robustness import AGREEMENT_SCENARIO
 from phenotyper.training.results import GateDecision, TrainingResult
@@ -30,6 +31,8 @@ def promotion_decision(result: TrainingResult, champion_version: str | None) -> 
     """
     spec, records = result.spec, result.benchmark.records
     table = records.set_index(["phenotyper", "metric", "subgroup"])
+    if result.latent is not None and spec.outcomes:
+        return _by_outcomes(result, table, champion_version)
     selected = result.selected
     _, metric, higher_better = SELECTION_METRICS[spec.selection_metric]
     challenger = float(table.loc[(selected, metric, "all"), "value"])
@@ -98,6 +101,46 @@ def promotion_decision(result: TrainingResult, champion_version: str | None) -> 
                      if determinate is not None else "")
                   + (f"; {two.value:+.4f} against the two-marker reference" if two is not None
                      else "") + ")")
+    return _against_champion(passed, table, selected, metric, higher_better, spec,
+                             champion_version, numbers)
+
+def _by_outcomes(result: TrainingResult, table: Any, champion_version: str | None
+                 ) -> GateDecision:
+    """A label-free model with outcome columns: promoted when treating by it beats treating by
+    the ImmunoSep rule on the first outcome's policy value (paired 95% CI on the better side
+    of 0), and it is no worse than the champion's by more than `champion_tolerance`."""
+    spec, selected = result.spec, result.selected
+    outcome = spec.outcomes[0]
+    higher = spec.higher_is_better.get(outcome, HIGHER_IS_BETTER.get(outcome, True))
+    metric = f"policy_value_{outcome}"
+    numbers: dict[str, float | str] = {"gate": "policy value (label-free)", "outcome": outcome}
+    key = (selected, f"{metric}_minus_{REFERENCE_RULE}", "all")
+    if key not in table.index:
+        return GateDecision(False, "the phenotypes were learned without labels and the cohort "
+                            "has no treatment column, so no policy value compares treating by "
+                            f"{selected} with treating by the ImmunoSep rule; prognosis alone "
+                            "cannot show it picks the right patients for the right drug. "
+                            "Registered, not promoted", numbers)
+    row = table.loc[key]
+    numbers.update({"policy_difference": float(row.value),
+                    "policy_difference_ci_low": float(row.ci_low),
+                    "policy_difference_ci_high": float(row.ci_high)})
+    better = row.ci_low > 0 if higher else row.ci_high < 0
+    shown = (f"{metric} {row.value:+.4f} against the rule (paired 95% CI {row.ci_low:+.4f} to "
+             f"{row.ci_high:+.4f}; {'higher' if higher else 'lower'} is better)")
+    if not better:
+        return GateDecision(False, f"treating by {selected} (learned without labels) does not "
+                            f"beat treating by the ImmunoSep rule: {shown}", numbers)
+    passed = f"treating by {selected} (learned without labels) beats the rule: {shown}"
+    return _against_champion(passed, table, selected, metric, higher, spec, champion_version,
+                             numbers)
+
+
+def _against_champion(passed: str, table: Any, selected: str, metric: str, higher_better: bool,
+                      spec: Any, champion_version: str | None,
+                      numbers: dict[str, float | str]) -> GateDecision:
+    """A model that passed the gate's test: promoted unless it is worse than the current
+    champion on `metric` by more than `champion_tolerance` (or the champion cannot be judged)."""
     if champion_version is None:
         return GateDecision(True, f"{passed}; no champion yet", numbers)
     numbers["champion_version"] = champion_version
@@ -106,6 +149,7 @@ def promotion_decision(result: TrainingResult, champion_version: str | None) -> 
                             "not be judged on this test set; promote by hand if intended",
                             numbers)
     current = float(table.loc[(CHAMPION, metric, "all"), "value"])
+    challenger = float(table.loc[(selected, metric, "all"), "value"])
     numbers["champion_value"] = current
     margin = (current - challenger) if higher_better else (challenger - current)
     if margin > spec.champion_tolerance:

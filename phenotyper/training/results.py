@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from phenotyper.evaluate.benchmark import Benchmark
+from phenotyper.latent import Mixture, Naming
 from phenotyper.training.spec import ExperimentSpec
 
 
@@ -23,6 +24,24 @@ class CandidateResult:
     cv_table: pd.DataFrame  # one row per configuration tried
     calibration: dict[str, tuple[float, float]]  # phenotype -> out-of-fold (intercept, slope)
     recalibrated: bool
+
+
+@dataclass(frozen=True)
+class LatentResult:
+    """What a label-free (or partly labelled) training learned about its latent classes."""
+
+    mode: str  # training.spec.SUPERVISION_MODES
+    mixture: Mixture  # three classes, named, in PHENOTYPES order
+    naming: Naming  # how the classes were matched to phenotypes (profiles alone)
+    sweep: pd.DataFrame  # per class count K: log_likelihood, bic, icl, entropy, iterations
+    preferred_k: int  # the K with the lowest BIC
+    sizes: dict[str, int]  # training patients by most likely class
+    profile: pd.DataFrame  # median of each marker (panel units) per class, training patients
+    stability: dict[str, Any]  # bootstrap refits: share of patients keeping their class
+    distillation: dict[str, float]  # candidate -> mean |p_candidate - posterior| on test
+    site_association: float | None  # Cramer's V of class by site (None: one site)
+    rule_errors: pd.DataFrame | None = None  # noisy-rule: P(latent class | rule answer)
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,8 @@ class TrainingResult:
     labels: dict[str, Any] = field(default_factory=dict)
     # The learned two-marker reference (`TWO_MARKER`), judged beside the rule and the models.
     two_marker: CandidateResult | None = None
+    # A training without (or with few) labels: its latent classes (None when supervised).
+    latent: LatentResult | None = None
 
 
 @dataclass(frozen=True)

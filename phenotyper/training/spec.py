@@ -10,6 +10,7 @@ from typing import Any
 
 from phenotyper.contract import HIGHER_IS_BETTER
 from phenotyper.evaluate.outcomes import OutcomeError, OutcomeSpec
+from phenotyper.latent import COVARIANCES, K_RANGE
 from phenotyper.models import CANDIDATES
 from phenotyper.panel import PANEL
 from phenotyper.suggest import did_you_mean
@@ -33,7 +34,7 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
 CALIBRATION_TOLERANCE = 0.15
 
 _TOP_KEYS = {"name", "description", "registered_model", "label", "cohort", "features", "split",
-             "candidates", "selection", "benchmark", "outcome"}
+             "candidates", "selection", "benchmark", "outcome", "supervision"}
 _SECTION_KEYS = {
     "cohort": {"path", "mapping", "preset", "n", "seed"},
     "features": {"markers", "exclude", "extra"},
@@ -42,7 +43,16 @@ _SECTION_KEYS = {
                   "agreement_margin", "two_marker"},
     "benchmark": {"bootstrap", "noise_repeats", "seed"},
     "outcome": {"treatment", "outcome", "propensity", "higher_is_better"},
+    "supervision": {"mode", "reference", "classes", "covariance", "restarts",
+                    "stability_refits"},
 }
+# How a training learns the phenotypes (`[supervision] mode`): from the label column
+# (SUPERVISED, no [supervision] table); from the markers alone (latent classes, NONE); from
+# latent classes anchored by a few labelled patients (PARTIAL); or from latent classes started
+# from the ImmunoSep rule's answers, whose error rates are then estimated (NOISY_RULE).
+SUPERVISED, NONE, PARTIAL, NOISY_RULE = "supervised", "none", "partial", "noisy-rule"
+SUPERVISION_MODES = (NONE, PARTIAL, NOISY_RULE)
+LABEL_FREE = (NONE, NOISY_RULE)  # modes that take no label column
 # Gate modes: beat the rule (superiority), or reproduce it without HLA-DR (agreement: Cohen's
 # kappa with the rule, non-inferior to the rule's own kappa under between-lab re-measurement).
 SUPERIORITY, AGREEMENT = "superiority", "agreement"
@@ -61,7 +71,7 @@ class ExperimentSpec:
 
     name: str
     registered_model: str
-    label: str
+    label: str | None = None  # the reference phenotype; PARTIAL: the few adjudicated ones
     cohort_path: str | None = None
     mapping: str | None = None
     preset: str | None = None
@@ -91,6 +101,13 @@ class ExperimentSpec:
     bootstrap: int = 1000
     noise_repeats: int = 20
     benchmark_seed: int = 0
+    supervision: str = SUPERVISED
+    # label-free modes: a column to judge against, never fitted (a simulated cohort's truth)
+    reference: str | None = None
+    latent_classes: tuple[int, int] = K_RANGE  # the BIC sweep's range (3 is always fitted)
+    latent_covariance: str = "tied"
+    latent_restarts: int = 3
+    stability_refits: int = 10
     description: str = ""
     source: str = ""
 
@@ -120,7 +137,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise ExperimentError(f"Experiment file {path} is not valid TOML: {error}.") from None
     where = f"Experiment file {path}"
     _unknown(where, set(document), _TOP_KEYS)
-    for required in ("name", "registered_model", "label"):
+    for required in ("name", "registered_model"):
         if required not in document:
             raise ExperimentError(f"{where}: missing '{required}'.")
     sections = {}
@@ -135,7 +152,8 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     spec = ExperimentSpec(
         name=_typed(where, "name", document["name"], str),
         registered_model=_typed(where, "registered_model", document["registered_model"], str),
-        label=_typed(where, "label", document["label"], str),
+        label=(None if "label" not in document
+               else _typed(where, "label", document["label"], str)),
         description=_typed(where, "description", document.get("description", ""), str),
         cohort_path=cohort.get("path"),
         mapping=cohort.get("mapping"),
@@ -170,10 +188,36 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         noise_repeats=_typed(where, "benchmark.noise_repeats", bench.get("noise_repeats", 20),
                              int),
         benchmark_seed=_typed(where, "benchmark.seed", bench.get("seed", 0), int),
+        **_supervision_fields(where, sections["supervision"]),
         source=str(path),
     )
     check_spec(spec, where)
     return spec
+
+
+def _supervision_fields(where: str, table: dict[str, Any]) -> dict[str, Any]:
+    """The `[supervision]` table (none: supervised by the label column)."""
+    if not table:
+        return {}
+    if "mode" not in table:
+        raise ExperimentError(f"{where} [supervision]: name the mode, one of "
+                              f"{', '.join(SUPERVISION_MODES)}.")
+    classes = _typed(where, "supervision.classes", table.get("classes", list(K_RANGE)), list)
+    if len(classes) != 2 or not all(isinstance(k, int) for k in classes):
+        raise ExperimentError(f"{where} [supervision]: classes is the range of class counts "
+                              f"BIC compares, two whole numbers such as {list(K_RANGE)}.")
+    reference = table.get("reference")
+    return {
+        "supervision": _typed(where, "supervision.mode", table["mode"], str),
+        "reference": None if reference is None else _typed(where, "supervision.reference",
+                                                           reference, str),
+        "latent_classes": (classes[0], classes[1]),
+        "latent_covariance": _typed(where, "supervision.covariance",
+                                    table.get("covariance", "tied"), str),
+        "latent_restarts": _typed(where, "supervision.restarts", table.get("restarts", 3), int),
+        "stability_refits": _typed(where, "supervision.stability_refits",
+                                   table.get("stability_refits", 10), int),
+    }
 
 
 def _outcome_fields(where: str, table: dict[str, Any]) -> dict[str, Any]:
@@ -218,13 +262,14 @@ def outcome_spec(spec: ExperimentSpec) -> OutcomeSpec | None:
     return OutcomeSpec(spec.outcomes, spec.treatment, spec.propensity, spec.higher_is_better)
 
 
-def default_spec(cohort_path: str | Path, label: str, name: str,
-                 mapping: str | Path | None = None) -> ExperimentSpec:
-    """The defaults run by `phenotyper train --cohort --label --name` (no TOML needed)."""
+def default_spec(cohort_path: str | Path, label: str | None, name: str,
+                 mapping: str | Path | None = None,
+                 supervision: str = SUPERVISED) -> ExperimentSpec:
+    """The defaults run by `phenotyper train --cohort --label --name [--supervision]`."""
     spec = ExperimentSpec(name=f"{name}-defaults", registered_model=name, label=label,
                           cohort_path=str(cohort_path),
                           mapping=None if mapping is None else str(mapping),
-                          source=f"defaults for {cohort_path}")
+                          supervision=supervision, source=f"defaults for {cohort_path}")
     check_spec(spec, "train")
     return spec
 
@@ -241,6 +286,27 @@ def check_spec(spec: ExperimentSpec, where: str) -> None:
             raise ExperimentError(f"{where}: {key} '{value}' is not known.{hint} "
                                   f"Choose from {', '.join(options)}.")
 
+    choose("supervision.mode", spec.supervision, (SUPERVISED, *SUPERVISION_MODES))
+    if spec.supervision in (SUPERVISED, PARTIAL) and spec.label is None:
+        raise ExperimentError(
+            f"{where}: {'a supervised' if spec.supervision == SUPERVISED else 'a partial'} "
+            "training needs 'label' (the column of reference phenotypes); to learn without "
+            f"labels add [supervision] mode = \"{NONE}\" (or --supervision {NONE}).")
+    if spec.supervision in LABEL_FREE and spec.label is not None:
+        raise ExperimentError(
+            f"{where}: [supervision] mode '{spec.supervision}' learns without labels, but "
+            f"'label' names the column '{spec.label}': remove it, name it as "
+            "[supervision] reference to judge against it, or use mode \"partial\".")
+    if spec.supervision != SUPERVISED:
+        choose("supervision.covariance", spec.latent_covariance, COVARIANCES)
+        low, high = spec.latent_classes
+        if not 2 <= low <= 3 <= high:
+            raise ExperimentError(f"{where}: supervision.classes {list(spec.latent_classes)} "
+                                  "must run from 2 or 3 to 3 or more (three classes are "
+                                  "always fitted and named).")
+        if spec.latent_restarts < 1 or spec.stability_refits < 0:
+            raise ExperimentError(f"{where}: supervision.restarts must be at least 1 and "
+                                  "supervision.stability_refits at least 0.")
     choose("split.by", spec.split_by, ("patient", "site"))
     choose("selection.metric", spec.selection_metric, tuple(SELECTION_METRICS))
     choose("selection.rule_metric", spec.rule_metric, RULE_METRICS)
