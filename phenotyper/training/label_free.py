@@ -155,15 +155,17 @@ def _profile(frame: pd.DataFrame, classes: np.ndarray, columns: tuple[str, ...])
 
 def _stability(low: np.ndarray, high: np.ndarray, columns: tuple[str, ...], proba: np.ndarray,
                spec: ExperimentSpec, anchors: np.ndarray | None) -> dict[str, Any]:
-    """Refit on bootstrap resamples of the training patients, align each refit's classes to
-    the fit's, and count the patients who keep their class."""
+    """Refit on bootstrap resamples of the training patients by the same procedure (as many
+    restarts), align each refit's classes to the fit's, and count the patients who keep
+    their class."""
     rng = np.random.default_rng(spec.split_seed + 7)
     kept = []
     assigned = proba.argmax(axis=1)
     for _ in range(spec.stability_refits):
         rows = rng.integers(0, len(low), len(low))
         refit = fit_mixture(low[rows], high[rows], columns, len(PHENOTYPES),
-                            spec.latent_covariance, n_init=1, seed=int(rng.integers(1 << 31)),
+                            spec.latent_covariance, n_init=spec.latent_restarts,
+                            seed=int(rng.integers(1 << 31)),
                             anchors=None if anchors is None else anchors[rows])
         again = np.exp(log_posterior(refit.mixture, low, high))
         again = again[:, align(proba, again)]

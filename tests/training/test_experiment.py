@@ -50,7 +50,7 @@ def test_the_four_promised_experiments_ship() -> None:
          r"\[cohort\]: unknown key 'seeed'. Did you mean 'seed'\?"),
         ('name="x"\nregistered_model="m"\nlabel="y"\nlabels="z"\n[cohort]\npreset="provide"\n',
          r"unknown key 'labels'. Did you mean 'label'\?"),
-        ('name="x"\nregistered_model="m"\n[cohort]\npreset="provide"\n', "missing 'label'"),
+        ('name="x"\nregistered_model="m"\n[cohort]\npreset="provide"\n', "needs 'label'"),
         ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
          '[split]\nby="hospital"\n', "split.by 'hospital' is not known"),
         ('name="x"\nregistered_model="m"\nlabel="y"\n[cohort]\npreset="provide"\n'
