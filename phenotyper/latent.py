@@ -184,8 +184,10 @@ class _Layout:
     and each row's pattern of measured markers (censored and missing cells are both hidden
     from the Gaussian's marginal; censored ones add their interval's probability)."""
 
-    def __init__(self, low: np.ndarray, high: np.ndarray) -> None:
+    def __init__(self, low: np.ndarray, high: np.ndarray,
+                 weight: np.ndarray | None = None) -> None:
         self.low, self.high = low, high
+        self.weight = None if weight is None else np.asarray(weight, dtype=float)
         self.point = low == high
         self.x = np.where(self.point, low, 0.0)
         self.o_count = self.point.sum(axis=1)
@@ -270,11 +272,16 @@ def _pattern_pass(layout: _Layout, mixture: Mixture, anchors: np.ndarray | None,
         anchored = np.flatnonzero(anchors >= 0)
         resp[anchored] = np.eye(k_count)[anchors[anchored]]
         row_total[anchored] = log_joint[anchored, anchors[anchored]]
+    if layout.weight is not None:  # a row of weight w counts as w patients
+        resp = resp * layout.weight[:, None]
+        row_total = row_total * layout.weight
     stats = _Stats(resp.sum(axis=0), np.einsum("rk,rkd->kd", resp, filled),
                    np.stack([(filled[:, k] * resp[:, k, None]).T @ filled[:, k]
                              for k in range(k_count)]),
                    float(row_total.sum()),
-                   -float(np.sum(resp * np.log(np.maximum(resp, 1e-300)))))
+                   -float(np.sum(resp * np.log(np.maximum(
+                       resp / (1.0 if layout.weight is None else np.maximum(
+                           layout.weight[:, None], 1e-300)), 1e-300)))))
     per_pattern = np.zeros((len(layout.patterns), k_count))
     np.add.at(per_pattern, pattern, resp)
     for k in range(k_count):
@@ -299,10 +306,66 @@ def _m_step(stats: _Stats, covariance: str, reg: float) -> tuple[np.ndarray, ...
     return counts / counts.sum(), means, covariances
 
 
+def log_joint(mixture: Mixture, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """log P(class, a row's intervals) for every row: (rows, K), the classes' softmax logits."""
+    return _pattern_pass(_Layout(low, high), mixture, None, want_stats=False)[0]
+
+
 def log_posterior(mixture: Mixture, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """log P(class | a row's intervals) for every row: (rows, K)."""
-    log_joint, _ = _pattern_pass(_Layout(low, high), mixture, None, want_stats=False)
-    return log_joint - logsumexp(log_joint, axis=1, keepdims=True)
+    joint = log_joint(mixture, low, high)
+    return joint - logsumexp(joint, axis=1, keepdims=True)
+
+
+def _pattern_log_joint(mixture: Mixture, k: int, seen: np.ndarray, x: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Class k's log joint density of rows `x` measured on `seen` only, and the precision
+    of that marginal: the pattern's quadratic logit and its matrix."""
+    covariance = mixture.covariances[k][np.ix_(seen, seen)]
+    precision = np.linalg.inv(covariance)
+    centred = x - mixture.means[k, seen]
+    log_det = np.linalg.slogdet(covariance)[1]
+    quadratic = np.einsum("rd,de,re->r", centred, precision, centred)
+    return (np.log(max(mixture.weights[k], 1e-300))
+            - 0.5 * (len(seen) * _LOG_2PI + log_det + quadratic)), precision
+
+
+def quadratic_shapley(mixture: Mixture, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact interventional Shapley values of every class's log joint density (its softmax
+    logit) per marker against one baseline patient, the mixture's mean z: (rows, K, D), and
+    the base, each class's logit at z with every marker measured: (K,).
+
+    For the rows measured on O, class k's logit is quadratic, l(v) = c + b'v + v'Av with
+    A = -P/2, b = P mu (P the precision of the marginal on O), and the game v(S) = l(x_S, z_rest)
+    has the closed form phi_i = (x_i - z_i) (b + A (x + z))_i = (x_i - z_i) (P (mu - (x + z)/2))_i.
+    What measuring only O changes at the baseline, l_O(z_O) - l_full(z), is shared equally by
+    the unmeasured markers (they are not in l_O's game: a convention, stated). The values add up
+    to each row's logit exactly: `x` holds model-scale points with NaN where not measured.
+    """
+    x = np.asarray(x, dtype=float)
+    n, d = x.shape
+    baseline = mixture.weights @ mixture.means
+    everything = np.arange(d)
+    base = np.array([_pattern_log_joint(mixture, k, everything, baseline[None])[0][0]
+                     for k in range(mixture.n_classes)])
+    values = np.zeros((n, mixture.n_classes, d))
+    measured = np.isfinite(x)
+    patterns, inverse = np.unique(measured, axis=0, return_inverse=True)
+    for g, pattern in enumerate(patterns):
+        rows = np.flatnonzero(inverse.ravel() == g)
+        seen, hidden = np.flatnonzero(pattern), np.flatnonzero(~pattern)
+        xs, zs = x[np.ix_(rows, seen)], baseline[seen]
+        for k in range(mixture.n_classes):
+            if len(seen):
+                at_baseline, precision = _pattern_log_joint(mixture, k, seen, zs[None])
+                gradient = (mixture.means[k, seen] - 0.5 * (xs + zs)) @ precision
+                values[np.ix_(rows, [k], seen)] = ((xs - zs) * gradient)[:, None, :]
+                at_baseline = at_baseline[0]
+            else:
+                at_baseline = np.log(max(mixture.weights[k], 1e-300))
+            if len(hidden):
+                values[np.ix_(rows, [k], hidden)] = (at_baseline - base[k]) / len(hidden)
+    return values, base
 
 
 def posterior(mixture: Mixture, frame: Any,
@@ -327,7 +390,7 @@ class FitResult:
 
     mixture: Mixture
     log_likelihood: float
-    n_rows: int
+    n_rows: float  # patients (the weights' sum when rows are weighted)
     iterations: int
     converged: bool
     entropy_sum: float
@@ -393,7 +456,7 @@ def _em(layout: _Layout, mixture: Mixture, anchors: np.ndarray | None, max_iter:
         weights, means, covariances = _m_step(stats, mixture.covariance, reg)
         mixture = Mixture(mixture.columns, mixture.classes, weights, means, covariances,
                           mixture.covariance)
-        per_row = stats.log_likelihood / len(layout.low)
+        per_row = stats.log_likelihood / stats.counts.sum()
         if per_row - previous < tol:
             return mixture, iteration, True
         previous = per_row
@@ -404,15 +467,17 @@ def fit_mixture(low: np.ndarray, high: np.ndarray, columns: Sequence[str], n_cla
                 covariance: str = "tied", n_init: int = 3, seed: int = 0,
                 starts: Sequence[np.ndarray] = (), anchors: np.ndarray | None = None,
                 max_iter: int = 500, tol: float = 1e-5, short_iter: int = 10,
-                reg: float = REG_COVAR) -> FitResult:
+                reg: float = REG_COVAR, sample_weight: np.ndarray | None = None) -> FitResult:
     """EM from several starts: `n_init` k-means++ classings and any given starting
     responsibilities (rows, K). Each start runs `short_iter` steps; the one with the highest
     likelihood then runs to convergence (the short-runs strategy of Biernacki et al. 2003).
-    `anchors`: per row a class index fixed by a label, or -1."""
+    `anchors`: per row a class index fixed by a label, or -1; `sample_weight`: a row of weight
+    w counts as w patients (soft labels as weighted anchored copies of each patient)."""
     columns = tuple(columns)
     check_fittable(low, high, columns, n_classes, covariance)
     rng = np.random.default_rng(seed)
-    layout = _Layout(low, high)
+    layout = _Layout(low, high, sample_weight)
+    weight = np.ones(len(low)) if sample_weight is None else np.asarray(sample_weight, float)
     tries = [*starts, *(_kmeans_resp(low, high, n_classes, rng) for _ in range(n_init))]
     if anchors is not None and (anchors >= 0).any():
         # labelled rows start (and stay) in their class: one start from them alone, and the
@@ -422,12 +487,12 @@ def fit_mixture(low: np.ndarray, high: np.ndarray, columns: Sequence[str], n_cla
         tries = [one_hot, *(np.where(labelled[:, None], one_hot,
                                      start[:, align(one_hot[labelled], start[labelled])])
                             for start in tries)]
-    short = [_em(layout, _start(low, high, start, columns, covariance, reg), anchors,
-                 short_iter, tol, reg)[0] for start in tries]
+    short = [_em(layout, _start(low, high, start * weight[:, None], columns, covariance, reg),
+                 anchors, short_iter, tol, reg)[0] for start in tries]
     best = max(short, key=lambda m: _pattern_pass(layout, m, anchors, True)[1].log_likelihood)
     mixture, iterations, converged = _em(layout, best, anchors, max_iter, tol, reg)
     _, stats = _pattern_pass(layout, mixture, anchors, want_stats=True)
-    return FitResult(mixture, stats.log_likelihood, len(low), short_iter + iterations,
+    return FitResult(mixture, stats.log_likelihood, float(weight.sum()), short_iter + iterations,
                      converged, stats.entropy)
 
 
@@ -524,3 +589,26 @@ def align(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     _, cols = linear_sum_assignment(-overlap)
     return cols
 
+
+
+def stability(low: np.ndarray, high: np.ndarray, columns: Sequence[str], proba: np.ndarray,
+              n_refits: int, covariance: str = "tied", n_init: int = 3, seed: int = 0,
+              anchors: np.ndarray | None = None) -> dict[str, Any]:
+    """Refit on `n_refits` bootstrap resamples by the same procedure (as many restarts, the
+    same anchors), align each refit's classes to `proba`'s (the fit's posterior), and count the
+    patients who keep their class."""
+    rng = np.random.default_rng(seed)
+    assigned = proba.argmax(axis=1)
+    kept = []
+    for _ in range(n_refits):
+        rows = rng.integers(0, len(low), len(low))
+        refit = fit_mixture(low[rows], high[rows], columns, proba.shape[1], covariance,
+                            n_init=n_init, seed=int(rng.integers(1 << 31)),
+                            anchors=None if anchors is None else anchors[rows])
+        again = np.exp(log_posterior(refit.mixture, low, high))
+        again = again[:, align(proba, again)]
+        kept.append(float(np.mean(again.argmax(axis=1) == assigned)))
+    if not kept:
+        return {"refits": 0}
+    return {"refits": len(kept), "kept_mean": float(np.mean(kept)),
+            "kept_min": float(np.min(kept))}

@@ -8,7 +8,12 @@ see the same interface:
   median imputation plus a missing-indicator per marker and standardisation;
 - `xgboost`: gradient-boosted trees with native missing values and balanced class weights (the
   MALS class is rare); its probabilities are prior-corrected for those weights, so weighting
-  changes what the trees attend to, not the calibration.
+  changes what the trees attend to, not the calibration;
+- `gaussian`: class-conditional Gaussians (full covariance per phenotype) on the same scale,
+  missing markers marginalised rather than imputed: QDA that tolerates missing data, fitted by
+  `latent.fit_mixture` with every row anchored to its label. Its logits are quadratic per
+  pattern of measured markers, so its Shapley values have a closed form
+  (`latent.quadratic_shapley`).
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
 from phenotyper.contract import PHENOTYPES
-from phenotyper.latent import Mixture, posterior
+from phenotyper.latent import Mixture, fit_mixture, log_joint, posterior
 from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PANEL, sex_code, to_log_scale
 
-CANDIDATES = ("logistic", "xgboost")
+CANDIDATES = ("logistic", "xgboost", "gaussian")
 
 
 class PanelFeatures(TransformerMixin, BaseEstimator):
@@ -124,6 +129,50 @@ class WeightedXGBClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
+def _as_intervals(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model-scale points with NaN for missing, as the mixture's (low, high)."""
+    return np.where(np.isnan(x), -np.inf, x), np.where(np.isnan(x), np.inf, x)
+
+
+class GaussianClassifier(ClassifierMixin, BaseEstimator):
+    """Class-conditional Gaussians over the numeric features of a `PanelFeatures` matrix
+    (`features` names its columns; sex and other non-Gaussian columns are left out), missing
+    values marginalised exactly. `covariance`: one per class ("full", QDA) or shared ("tied",
+    LDA)."""
+
+    def __init__(self, features: Sequence[str] = (), covariance: str = "full") -> None:
+        self.features = features
+        self.covariance = covariance
+
+    def fit(self, X: np.ndarray, y: Sequence[Any],
+            sample_weight: np.ndarray | None = None) -> GaussianClassifier:
+        """Every row anchored to its label; `sample_weight` counts a row as that many patients
+        (a distilled posterior's soft labels)."""
+        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        self.columns_ = np.array([j for j, f in enumerate(self.features)
+                                  if f in NUMERIC_MARKERS], dtype=int)
+        x = np.asarray(X, dtype=float)[:, self.columns_]
+        fit = fit_mixture(*_as_intervals(x), [self.features[j] for j in self.columns_],
+                          len(self.classes_), self.covariance, n_init=0, anchors=codes,
+                          sample_weight=sample_weight)
+        self.mixture_ = fit.mixture.renamed([str(c) for c in self.classes_])
+        self.n_features_in_ = np.asarray(X).shape[1]
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Each class's log joint density of the measured features (softmax logits)."""
+        x = np.asarray(X, dtype=float)[:, self.columns_]
+        return log_joint(self.mixture_, *_as_intervals(x))
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        logits = self.decision_function(X)
+        proba = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
 class LogitRecalibrated(ClassifierMixin, BaseEstimator):
     """A candidate whose softmax logits are re-mapped by a multinomial logistic regression fitted
     on out-of-fold logits (matrix scaling).
@@ -194,6 +243,11 @@ def build_candidate(kind: str, features: Sequence[str],
         steps = [
             ("features", PanelFeatures(tuple(features))),
             ("classifier", WeightedXGBClassifier(**params)),
+        ]
+    elif kind == "gaussian":
+        steps = [
+            ("features", PanelFeatures(tuple(features))),
+            ("classifier", GaussianClassifier(tuple(features), **params)),
         ]
     else:
         raise ValueError(f"unknown candidate '{kind}'; choose from {', '.join(CANDIDATES)}")

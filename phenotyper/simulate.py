@@ -207,6 +207,8 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
 
     iced_sample = rng.random(n) < population["iced_sample_share"]
     factors = rng.standard_normal((n, len(FACTORS)))
+    if "factor_sd" in population:  # the shared factors spread differently by phenotype
+        factors *= _per_phenotype(population["factor_sd"])[phenotype_code][:, None]
     columns: dict[str, np.ndarray] = {}
     for column in LAB_MARKERS:
         law = preset[column]
@@ -645,8 +647,9 @@ def _replace_value(path: Path, text: str, section: str, key: str, value: Any) ->
 def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:
     """P(latent phenotype | measured markers) under the preset's own law: the Bayes optimum.
 
-    The simulator's law is Gaussian in log-marker space with a covariance shared by the
-    phenotypes (factor loadings, unique variance, assay noise and site bias added as variance),
+    The simulator's law is Gaussian in log-marker space with a covariance from the factor
+    loadings (scaled per phenotype by `factor_sd` where a preset sets it), unique variance,
+    assay noise and site bias added as variance,
     SOFA is a rounded Gaussian (an interval given the other markers), and HLA-DR is a two-part
     mixture (iced or not). Missing markers are marginalised out: missingness does not depend on
     the phenotype, except HLA-DR's where a preset orders it by suspicion
@@ -663,13 +666,16 @@ def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:
     markers = [c for c in LAB_MARKERS if c not in LINEAR_SCALE_MARKERS]
     dims = [*markers, "sofa"]
     loadings = np.array([[law[c]["loadings"].get(f, 0.0) for f in FACTORS] for c in dims])
-    correlation = loadings @ loadings.T + np.diag(1.0 - (loadings**2).sum(axis=1))
+    unique = np.diag(1.0 - (loadings**2).sum(axis=1))
+    factor_sd = _per_phenotype(law["population"].get(
+        "factor_sd", dict.fromkeys(PHENOTYPES, 1.0)))
     spread = np.array([law[c]["log_sd"] for c in markers] + [law["sofa"]["sd"]])
     noise = np.array([_cv_to_log_sd(law[c]["assay_cv"]) ** 2 for c in markers] + [0.0])
     measurement = law["measurement"]
     noise[dims.index("ferritin_ng_ml")] += _cv_to_log_sd(measurement["ferritin_platform_cv"]) ** 2
     noise[dims.index("hla_dr_mab_per_cell")] += _cv_to_log_sd(measurement["hla_dr_lab_cv"]) ** 2
-    covariance = spread[:, None] * correlation * spread[None, :] + np.diag(noise)
+    covariances = [spread[:, None] * (s**2 * loadings @ loadings.T + unique) * spread[None, :]
+                   + np.diag(noise) for s in factor_sd]
     means = np.array([[np.log(law[c]["median"][p]) for c in markers] + [law["sofa"]["mean"][p]]
                       for p in PHENOTYPES])
     hla = dims.index("hla_dr_mab_per_cell")
@@ -688,9 +694,6 @@ def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:
         rows = np.flatnonzero(pattern_of_row.ravel() == p_index)
         seen = np.flatnonzero(pattern)
         x = values[np.ix_(rows, seen)]
-        cov_seen = covariance[np.ix_(seen, seen)]
-        to_sofa = np.linalg.solve(cov_seen, covariance[seen, sofa])
-        sofa_sd = np.sqrt(covariance[sofa, sofa] - covariance[sofa, seen] @ to_sofa)
         sofa_value = values[rows, sofa]
         has_sofa = np.isfinite(sofa_value)
         upper = np.where(sofa_value >= 24, np.inf, sofa_value + 0.5)
@@ -698,7 +701,10 @@ def bayes_posterior(preset: str | Preset, frame: pd.DataFrame) -> np.ndarray:
         components = [(0.0, 1.0)]
         if pattern[hla]:
             components = [(0.0, 1.0 - iced_share), (iced_shift, iced_share)]
-        for k in range(len(PHENOTYPES)):
+        for k, covariance in enumerate(covariances):
+            cov_seen = covariance[np.ix_(seen, seen)]
+            to_sofa = np.linalg.solve(cov_seen, covariance[seen, sofa])
+            sofa_sd = np.sqrt(covariance[sofa, sofa] - covariance[sofa, seen] @ to_sofa)
             parts = []
             for shift, weight in components:
                 mean = means[k].copy()

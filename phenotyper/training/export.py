@@ -11,7 +11,7 @@ import numpy as np
 
 from phenotyper.contract import FERRITIN_MALS_NG_ML, HLA_DR_IMMUNOPARALYSIS_MAB_PER_CELL
 from phenotyper.latent import Mixture
-from phenotyper.models import LogitRecalibrated, WeightedXGBClassifier
+from phenotyper.models import GaussianClassifier, LogitRecalibrated, WeightedXGBClassifier
 from phenotyper.packaged.format import BOOSTER_FILE, FORMAT_VERSION, SPEC_FILE
 from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL
 
@@ -45,6 +45,9 @@ def export(model: Any, folder: Path, latent: Mixture | None = None) -> Path:
         spec["kind"] = "xgboost"
         spec["logit_offset"] = (-np.log(classifier.class_weight_)).tolist()
         spec["booster"] = BOOSTER_FILE
+    elif isinstance(classifier, GaussianClassifier):
+        spec["kind"] = "gaussian"
+        spec["gaussian"] = classifier.mixture_.as_dict()  # its columns name the features used
     else:
         imputer, scaler = model.named_steps["impute"], model.named_steps["scale"]
         indicator = getattr(imputer, "indicator_", None)

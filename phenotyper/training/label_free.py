@@ -30,12 +30,12 @@ from phenotyper.evaluate.outcomes import OutcomeError, read_outcomes
 from phenotyper.labels import read_labels
 from phenotyper.latent import (
     LatentError,
-    align,
     bic_sweep,
     fit_mixture,
     intervals,
     log_posterior,
     named,
+    stability,
 )
 from phenotyper.models import LatentClassifier, build_candidate
 from phenotyper.panel import NUMERIC_MARKERS, SITE_ID
@@ -153,29 +153,6 @@ def _profile(frame: pd.DataFrame, classes: np.ndarray, columns: tuple[str, ...])
     return table
 
 
-def _stability(low: np.ndarray, high: np.ndarray, columns: tuple[str, ...], proba: np.ndarray,
-               spec: ExperimentSpec, anchors: np.ndarray | None) -> dict[str, Any]:
-    """Refit on bootstrap resamples of the training patients by the same procedure (as many
-    restarts), align each refit's classes to the fit's, and count the patients who keep
-    their class."""
-    rng = np.random.default_rng(spec.split_seed + 7)
-    kept = []
-    assigned = proba.argmax(axis=1)
-    for _ in range(spec.stability_refits):
-        rows = rng.integers(0, len(low), len(low))
-        refit = fit_mixture(low[rows], high[rows], columns, len(PHENOTYPES),
-                            spec.latent_covariance, n_init=spec.latent_restarts,
-                            seed=int(rng.integers(1 << 31)),
-                            anchors=None if anchors is None else anchors[rows])
-        again = np.exp(log_posterior(refit.mixture, low, high))
-        again = again[:, align(proba, again)]
-        kept.append(float(np.mean(again.argmax(axis=1) == assigned)))
-    if not kept:
-        return {"refits": 0}
-    return {"refits": len(kept), "kept_mean": float(np.mean(kept)),
-            "kept_min": float(np.min(kept))}
-
-
 def fit_label_free(spec: ExperimentSpec, champion: Any = None) -> TrainingResult:
     """Latent classes on the training patients, distilled into every candidate, all judged
     with the rules (and champion) on the held-out patients."""
@@ -256,7 +233,9 @@ def fit_label_free(spec: ExperimentSpec, champion: Any = None) -> TrainingResult
         preferred_k=preferred,
         sizes={p: int((classes == k).sum()) for k, p in enumerate(PHENOTYPES)},
         profile=_profile(train, classes, columns),
-        stability=_stability(low, high, columns, proba, spec, anchors),
+        stability=stability(low, high, columns, proba, spec.stability_refits,
+                            spec.latent_covariance, spec.latent_restarts, spec.split_seed + 7,
+                            anchors),
         distillation=distillation, site_association=site_v,
         rule_errors=rule_error_rates(train, proba) if spec.supervision == NOISY_RULE else None,
         warnings=tuple(warnings))

@@ -28,7 +28,8 @@ def cohorts() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _fit(kind: str, train: pd.DataFrame, recalibrated: bool = False):
-    params = {"n_estimators": 40, "max_depth": 3} if kind == "xgboost" else {"C": 1.0}
+    params = {"xgboost": {"n_estimators": 40, "max_depth": 3}, "logistic": {"C": 1.0},
+              "gaussian": {}}[kind]
     model = build_candidate(kind, FEATURES, params)
     if recalibrated:
         model = LogitRecalibrated(model, cv=3)
@@ -44,7 +45,7 @@ def _class_columns(out: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return out[[f"prob_{c}" for c in classes]].to_numpy()
 
 
-@pytest.mark.parametrize("kind", ["logistic", "xgboost"])
+@pytest.mark.parametrize("kind", ["logistic", "xgboost", "gaussian"])
 @pytest.mark.parametrize("recalibrated", [False, True])
 def test_packaged_model_gives_the_fitted_models_probabilities(
     cohorts, tmp_path: Path, kind: str, recalibrated: bool
