@@ -61,6 +61,10 @@ demo: setup
 	$(BIN)/phenotyper benchmark --cohort data/simulated/immunosep_screening.parquet \
 		--label phenotype_true --output reports/rules_benchmark
 	for experiment in experiments/*.toml; do $(BIN)/phenotyper train $$experiment || exit 1; done
+	COLUMNS=160 $(BIN)/phenotyper benchmark --cohort data/simulated/immunosep_screening.parquet \
+		--label phenotype_true --model models:/immunophenotyper@champion \
+		--model models:/immunophenotyper-label-free@challenger --noise-repeats 0 \
+		--output reports/label_free_benchmark
 	$(BIN)/phenotyper simulate --preset confounded-treatment --n 20000 --seed 8 \
 		--output data/simulated/confounded_treatment.parquet
 	$(BIN)/phenotyper benchmark --cohort data/simulated/confounded_treatment.parquet \
@@ -73,6 +77,7 @@ demo: setup
 		--output reports/scored/immunosep_screening.parquet \
 		--report reports/scored/immunosep_screening.html
 	@echo "Rules benchmark: reports/rules_benchmark/benchmark.md"
+	@echo "Learned without labels vs supervised, against the simulated truth: reports/label_free_benchmark/benchmark.md"
 	@echo "Policy values on an observational cohort (AIPW): reports/observational_benchmark/benchmark.md"
 	@echo "Champion's model card: models/immunophenotyper_champion.md"
 	@echo "Scored cohort and its report: reports/scored/"
@@ -108,3 +113,4 @@ bench: setup
 	$(BIN)/python benchmarks/score_speed.py
 	$(BIN)/python benchmarks/score_speed.py --candidate xgboost --rows 200000 --memory-rows 0
 	$(BIN)/python benchmarks/shap_speed.py
+	$(BIN)/python benchmarks/latent.py

@@ -202,15 +202,38 @@ class _Layout:
 
 def _marginal_inverses(covariance: np.ndarray, patterns: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per pattern of measured markers O: log det S_OO, S_OO^-1 embedded in a D x D zero
-    matrix, and the covariance of the rest given O (zero on O's rows and columns)."""
-    hidden = ~patterns
-    eye = np.eye(covariance.shape[0])
-    keep = patterns[:, :, None] & patterns[:, None, :]
-    masked = np.where(keep, covariance, 0.0) + hidden[:, :, None] * eye
-    log_det = 2 * np.log(np.diagonal(np.linalg.cholesky(masked), axis1=1, axis2=2)).sum(axis=1)
-    inverse = np.linalg.inv(masked) - hidden[:, :, None] * eye
-    conditional = covariance - covariance @ inverse @ covariance
+    """Per pattern of measured markers O (hidden H): log det S_OO, S_OO^-1 embedded in a
+    D x D zero matrix, and the covariance of H given O (zero on O's rows and columns).
+
+    All three come from the full precision P = S^-1 and the small hidden block P_HH: the
+    covariance of H given O is P_HH^-1, S_OO^-1 = P_OO - P_OH P_HH^-1 P_HO (zero on H's rows
+    by construction), and log det S_OO = log det S + log det P_HH. Patterns are batched by
+    how many markers they hide, so the work per pattern is an h x h inverse, not D x D."""
+    d = covariance.shape[0]
+    precision = np.linalg.inv(covariance)
+    precision = 0.5 * (precision + precision.T)
+    log_det_full = 2 * np.log(np.diagonal(np.linalg.cholesky(covariance))).sum()
+    count = len(patterns)
+    log_det = np.full(count, log_det_full)
+    inverse = np.empty((count, d, d))
+    conditional = np.zeros((count, d, d))
+    hidden_count = (~patterns).sum(axis=1)
+    for h in np.unique(hidden_count):
+        if h == 0:
+            inverse[hidden_count == 0] = precision
+            continue
+        group = np.flatnonzero(hidden_count == h)
+        # each pattern's hidden markers in order: (G, h)
+        hidden = np.nonzero(~patterns[group])[1].reshape(len(group), h)
+        block = precision[hidden[:, :, None], hidden[:, None, :]]  # P_HH: (G, h, h)
+        chol = np.linalg.cholesky(block)
+        log_det[group] += 2 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+        block_inverse = np.linalg.inv(block)
+        block_inverse = 0.5 * (block_inverse + block_inverse.transpose(0, 2, 1))
+        across = precision[:, hidden].transpose(1, 0, 2)  # P_.H: (G, D, h)
+        inverse[group] = precision - np.einsum("gdh,ghk,gek->gde", across, block_inverse,
+                                               across, optimize=True)
+        conditional[group[:, None, None], hidden[:, :, None], hidden[:, None, :]] = block_inverse
     return log_det, inverse, conditional
 
 
@@ -447,9 +470,10 @@ def _kmeans_resp(low: np.ndarray, high: np.ndarray, k_count: int,
 
 
 def _em(layout: _Layout, mixture: Mixture, anchors: np.ndarray | None, max_iter: int,
-        tol: float, reg: float) -> tuple[Mixture, int, bool]:
+        tol: float, reg: float) -> tuple[Mixture, int, bool, float]:
     """EM steps from `mixture` until the mean log-likelihood per row improves by less than
-    `tol` (or `max_iter` steps)."""
+    `tol` (or `max_iter` steps); also returns the log-likelihood of the last E-step (of the
+    step before the returned mixture: EM never lowers it, so it ranks starts)."""
     previous = -np.inf
     for iteration in range(1, max_iter + 1):
         _, stats = _pattern_pass(layout, mixture, anchors, want_stats=True)
@@ -458,9 +482,9 @@ def _em(layout: _Layout, mixture: Mixture, anchors: np.ndarray | None, max_iter:
                           mixture.covariance)
         per_row = stats.log_likelihood / stats.counts.sum()
         if per_row - previous < tol:
-            return mixture, iteration, True
+            return mixture, iteration, True, stats.log_likelihood
         previous = per_row
-    return mixture, max_iter, False
+    return mixture, max_iter, False, stats.log_likelihood
 
 
 def fit_mixture(low: np.ndarray, high: np.ndarray, columns: Sequence[str], n_classes: int,
@@ -488,9 +512,9 @@ def fit_mixture(low: np.ndarray, high: np.ndarray, columns: Sequence[str], n_cla
                                      start[:, align(one_hot[labelled], start[labelled])])
                             for start in tries)]
     short = [_em(layout, _start(low, high, start * weight[:, None], columns, covariance, reg),
-                 anchors, short_iter, tol, reg)[0] for start in tries]
-    best = max(short, key=lambda m: _pattern_pass(layout, m, anchors, True)[1].log_likelihood)
-    mixture, iterations, converged = _em(layout, best, anchors, max_iter, tol, reg)
+                 anchors, short_iter, tol, reg) for start in tries]
+    best = max(short, key=lambda run: run[3])[0]
+    mixture, iterations, converged, _ = _em(layout, best, anchors, max_iter, tol, reg)
     _, stats = _pattern_pass(layout, mixture, anchors, want_stats=True)
     return FitResult(mixture, stats.log_likelihood, float(weight.sum()), short_iter + iterations,
                      converged, stats.entropy)

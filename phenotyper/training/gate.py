@@ -12,6 +12,7 @@ from phenotyper.training.results import GateDecision, TrainingResult
 from phenotyper.training.spec import (
     AGREEMENT,
     CHAMPION,
+    LATENT_CLASS,
     REFERENCE_RULE,
     SELECTION_METRICS,
     TWO_MARKER,
@@ -33,6 +34,12 @@ def promotion_decision(result: TrainingResult, champion_version: str | None) -> 
     table = records.set_index(["phenotyper", "metric", "subgroup"])
     if result.latent is not None and spec.outcomes:
         return _by_outcomes(result, table, champion_version)
+    if result.latent is not None and result.labels.get("reference") == LATENT_CLASS:
+        return GateDecision(False, "the phenotypes were learned without labels and the cohort "
+                            "has neither outcome columns nor a reference column, so nothing "
+                            "shows they pick the right patients for the right drug. Registered, "
+                            "not promoted: add [outcome] columns to judge them",
+                            {"gate": "none (label-free, no outcomes)"})
     selected = result.selected
     _, metric, higher_better = SELECTION_METRICS[spec.selection_metric]
     challenger = float(table.loc[(selected, metric, "all"), "value"])

@@ -51,6 +51,7 @@ from phenotyper.training.fit import (
 from phenotyper.training.results import CandidateResult, LatentResult, TrainingResult
 from phenotyper.training.spec import (
     CHAMPION,
+    LATENT_CLASS,
     NOISY_RULE,
     PARTIAL,
     REFERENCE_RULE,
@@ -166,10 +167,6 @@ def fit_label_free(spec: ExperimentSpec, champion: Any = None) -> TrainingResult
     reference = spec.reference or (TRUE_PHENOTYPE if TRUE_PHENOTYPE in cohort else None)
     if reference is not None and reference not in cohort:
         raise ExperimentError(f"supervision.reference '{reference}' is not in the cohort")
-    if reference is None and outcomes is None:
-        raise ExperimentError(
-            "nothing to judge the latent classes against: add [outcome] columns (death_28d, "
-            "with treatment for who benefits) or a [supervision] reference column")
     features = resolve_features(spec, cohort)
     columns = tuple(f for f in features if f in NUMERIC_MARKERS)
     train_rows, test_rows = split_cohort(spec, cohort)
@@ -217,6 +214,13 @@ def fit_label_free(spec: ExperimentSpec, champion: Any = None) -> TrainingResult
     preferred = min(sweep, key=lambda k: sweep[k].bic)
     if preferred != 3:
         warnings.append(f"BIC prefers {preferred} classes; three were fitted for naming")
+    if reference is None and outcomes is None:
+        reference = LATENT_CLASS
+        test[LATENT_CLASS] = LatentClassifier(mixture).fit(test).predict(test)
+        warnings.append("no outcome columns and no reference column: the candidates are judged "
+                        "only by how well they reproduce the latent classes, so the model is "
+                        "registered and not promoted; add [outcome] columns (death_28d, with "
+                        "treatment for who benefits) to judge who the phenotypes pick")
     candidates = {kind: distil(spec, kind, train, proba, features) for kind in spec.candidates}
     ranked = sorted(candidates.values(), key=lambda c: c.cv_score)
     test_proba = np.exp(log_posterior(mixture, *intervals(

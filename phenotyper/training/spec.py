@@ -17,6 +17,10 @@ from phenotyper.suggest import did_you_mean
 
 REFERENCE_RULE = "immunosep"
 CHAMPION = "champion"
+# A label-free run with neither outcomes nor a reference column: the candidates are judged by
+# how well they reproduce the latent classes on the held-out patients (this column), and none
+# is promoted.
+LATENT_CLASS = "latent_class"
 # CV selection metric -> (scikit-learn scorer, evaluator metric, higher is better)
 SELECTION_METRICS: dict[str, tuple[str, str, bool]] = {
     "log_loss": ("neg_log_loss", "log_loss", False),

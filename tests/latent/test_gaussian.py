@@ -153,3 +153,25 @@ def test_on_class_specific_covariances_it_nears_bayes_where_a_linear_model_canno
         np.testing.assert_allclose(logit, expected, atol=1e-6)
     assert (out[[f"shap_{f}" for f in features if f == "sex"]].to_numpy() == 0).all()
     assert "Shapley" in packaged.describe_explainer()["method"]
+
+
+@pytest.mark.slow
+def test_an_experiment_selects_it_on_class_specific_covariances_and_can_distil_into_it():
+    from phenotyper.training.fit import fit_and_evaluate
+    from phenotyper.training.label_free import fit_label_free
+    from phenotyper.training.spec import ExperimentSpec
+
+    fast = {"bootstrap": 100, "noise_repeats": 0, "cv_folds": 3}
+    supervised = fit_and_evaluate(ExperimentSpec(
+        name="g", registered_model="g", preset="class-specific-covariance", n=4000,
+        cohort_seed=3, label="phenotype_true",
+        candidates={"logistic": {"C": [1.0]}, "gaussian": {"covariance": ["tied", "full"]}},
+        **fast))
+    assert supervised.selected == "gaussian"
+    assert supervised.candidates["gaussian"].best_params == {"covariance": "full"}
+    # distilled from a label-free posterior through weighted rows: it reproduces that posterior
+    label_free = fit_label_free(ExperimentSpec(
+        name="lf", registered_model="lf", preset="immunosep-screening", n=3000, cohort_seed=4,
+        supervision="none", candidates={"gaussian": {}}, latent_classes=(3, 3),
+        latent_restarts=2, stability_refits=0, **fast))
+    assert label_free.latent.distillation["gaussian"] < 0.03

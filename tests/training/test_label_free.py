@@ -15,7 +15,7 @@ from phenotyper.simulate import simulate
 from phenotyper.training.export import export
 from phenotyper.training.gate import promotion_decision
 from phenotyper.training.label_free import LATENT, fit_label_free
-from phenotyper.training.spec import ExperimentError, ExperimentSpec, load_spec
+from phenotyper.training.spec import LATENT_CLASS, ExperimentError, ExperimentSpec, load_spec
 
 FAST = {"candidates": {"logistic": {"C": [1.0]}}, "bootstrap": 100, "noise_repeats": 0,
         "latent_classes": (2, 4), "latent_restarts": 2, "stability_refits": 2}
@@ -144,13 +144,23 @@ def test_experiment_files_with_a_wrong_supervision_say_what_to_change(tmp_path, 
         load_spec(path)
 
 
-def test_a_cohort_too_small_or_with_nothing_to_judge_against_gets_a_clear_error(tmp_path):
+def test_a_cohort_too_small_gets_a_clear_error():
     with pytest.raises(ExperimentError, match=r"fewer than the \d+ parameters"):
         fit_label_free(spec_for(n=60, test_size=0.25))
-    cohort = simulate("immunosep-screening", 400, 1).drop(columns=TRUE_PHENOTYPE)
-    with pytest.raises(ExperimentError, match="nothing to judge the latent classes against"):
-        fit_label_free(dataclasses.replace(spec_for(), preset=None,
-                                           cohort_path=_write(cohort, tmp_path)))
+
+
+def test_without_outcomes_or_reference_it_is_registered_not_promoted_and_says_why(tmp_path):
+    cohort = simulate("immunosep-screening", 2000, 1).drop(columns=TRUE_PHENOTYPE)
+    result = fit_label_free(dataclasses.replace(spec_for(), preset=None,
+                                                cohort_path=_write(cohort, tmp_path)))
+    assert result.labels["reference"] == LATENT_CLASS
+    assert any("registered and not promoted" in w for w in result.latent.warnings)
+    # judged by how well the distilled candidates reproduce the latent classes
+    assert value(result, result.selected, "accuracy") > 0.9
+    decision = promotion_decision(result, None)
+    assert not decision.promote
+    assert "Registered, not promoted" in decision.reason
+    assert "outcome" in decision.reason
 
 
 def test_cli_trains_without_labels_and_says_how_without_label_or_supervision(
