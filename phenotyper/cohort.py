@@ -57,6 +57,7 @@ import difflib
 import io
 import re
 import tomllib
+import unicodedata
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,11 +110,12 @@ AMBIGUOUS_SEPARATOR = "ambiguous_separator"
 UNPARSEABLE = "unparseable"
 NEGATIVE = "negative"
 IMPLAUSIBLE = "implausible"
+UNICODE_DIGITS = "unicode_digits"  # read as the number, but written in other digits or marks
 UNKNOWN_CATEGORY = "unknown_category"
 MISSING_ID = "missing_id"
 DUPLICATE_ID = "duplicate_id"
 ISSUE_KINDS = (CENSORED_LOW, CENSORED_HIGH, AMBIGUOUS_SEPARATOR, UNPARSEABLE, NEGATIVE,
-               IMPLAUSIBLE, UNKNOWN_CATEGORY, MISSING_ID, DUPLICATE_ID)
+               IMPLAUSIBLE, UNICODE_DIGITS, UNKNOWN_CATEGORY, MISSING_ID, DUPLICATE_ID)
 
 # Cell texts that mean "not measured" (compared stripped and lower-cased): missingness, not issues.
 MISSING_TOKENS = frozenset({"", "na", "n/a", "#n/a", "nan", "null", "none", "-", "."})
@@ -122,6 +124,7 @@ INTEGER_MARKERS = frozenset({"sofa"})
 
 _DELIMITERS = (",", ";", "\t", "|")
 _SNIFF_BYTES = 65_536
+_BINARY_NUL_SHARE = 0.1  # more NUL bytes than this share of the first 64 KiB: not text
 # Delimited text readers: Arrow's (where it reads the file as pandas' does) or pandas'.
 CSV_READERS = ("arrow", "pandas")
 _ARROW_BLOCK_BYTES = 1 << 22
@@ -131,7 +134,9 @@ _END_CELL = "\x1fphenotyper: end of file\x1f"
 _REL_TOLERANCE = 1e-9  # plausible-range bounds are inclusive up to float rounding of conversions
 
 # A plain decimal number: the vectorised fast path casts these straight to float.
-_PLAIN = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_PLAIN = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+# Arabic decimal and thousands marks, as the dot and comma the number forms read
+_ARABIC_MARKS = {"\u066b": ".", "\u066c": ",", "\u060c": ","}
 # Bytes of the usual export's numbers (ASCII digits and the dot): cells made of these alone are
 # `_PLAIN` exactly when they hold a digit and at most one dot, which counting finds faster.
 _DIGIT_OR_DOT = np.isin(np.arange(256), list(b"0123456789."))
@@ -152,8 +157,9 @@ _FORM_CODE = {name: code for code, (name, *_rest) in enumerate(_FORMS)}
 _COMMA_EVIDENCE = (_FORM_CODE["decimal_comma"], _FORM_CODE["grouped_dot"])
 
 # Per-cell issue codes of numeric columns, in increasing priority (a cell keeps one issue).
-_CELL_KINDS = (None, AMBIGUOUS_SEPARATOR, CENSORED_LOW, CENSORED_HIGH, UNPARSEABLE, NEGATIVE,
-               IMPLAUSIBLE)
+# (kinds from UNPARSEABLE on set the value to missing; those before it keep it)
+_CELL_KINDS = (None, AMBIGUOUS_SEPARATOR, CENSORED_LOW, CENSORED_HIGH, UNICODE_DIGITS,
+               UNPARSEABLE, NEGATIVE, IMPLAUSIBLE)
 _CODE = {kind: code for code, kind in enumerate(_CELL_KINDS) if kind}
 
 # Markers the ImmunoSep rule thresholds: canonical column -> (cut-off in the panel unit, whether
@@ -481,7 +487,11 @@ def _sniff_text(path: Path) -> tuple[str, str, int]:
     if not head.strip():
         raise CohortError(f"Cohort file {path} is empty; export the cohort again.")
     utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff")
-    if not utf16 and (head.startswith(b"PK\x03\x04") or b"\x00" in head):
+    # a workbook (xlsx is a zip, xls an OLE2 file) or mostly NULs (UTF-16 without a BOM, a
+    # binary format); a stray NUL in a text export only makes its cell unparseable
+    binary = (head.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0"))
+              or head.count(b"\x00") > _BINARY_NUL_SHARE * len(head))
+    if not utf16 and binary:
         raise CohortError(f"Cohort file {path} is not a text file (an Excel workbook?). "
                           "Save it as CSV, or as Parquet with a .parquet name.")
     encoding = "utf-16" if utf16 else "utf-8-sig"
@@ -1087,6 +1097,7 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool,
     `ambiguous_separator` issue.
     """
     n = len(text)
+    text, rewritten = _ascii_numbers(text)
     code = np.zeros(n, dtype=np.int8)
     other = np.full(n, np.nan)
     ambiguous = np.zeros(n, dtype=np.int8)
@@ -1118,6 +1129,7 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool,
         if auto:
             ambiguous[cells] = separator
     code[(code == 0) & (ambiguous > 0)] = _CODE[AMBIGUOUS_SEPARATOR]
+    code[(code == 0) & rewritten & np.isfinite(value)] = _CODE[UNICODE_DIGITS]
     because = ("the file is ';'-delimited, which implies a decimal comma" if semicolon
                else "other values in this column use a decimal comma")
     reason = {
@@ -1126,6 +1138,31 @@ def _parse_numbers(text: pd.Series, decimal: str | None, semicolon: bool,
         _DOT: f"dot read as thousands separator: {because}",
     }
     return _Numbers(value, code, other, ambiguous, reason, evidence)
+
+
+def _ascii_character(character: str) -> str:
+    digit = unicodedata.decimal(character, None)
+    return str(digit) if digit is not None else _ARABIC_MARKS.get(character, character)
+
+
+def _ascii_numbers(text: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Cells with non-ASCII text NFKC-normalised (full-width digits, compatibility forms),
+    their remaining Unicode decimal digits (Arabic-Indic, Devanagari, ...) and Arabic marks
+    made ASCII; returns the texts and which cells changed. A cell is never dropped: what
+    still is no number is `unparseable` downstream."""
+    strings = pa.array(text, type=pa.large_string())
+    ascii_cells = pc.string_is_ascii(strings).to_numpy(zero_copy_only=False)
+    changed = np.zeros(len(text), dtype=bool)
+    others = np.flatnonzero(~ascii_cells.astype(bool))
+    if not others.size:
+        return text, changed
+    original = text.iloc[others]
+    normal = original.map(lambda cell: "".join(
+        _ascii_character(c) for c in unicodedata.normalize("NFKC", cell)).strip())
+    changed[others] = (normal != original).to_numpy(dtype=bool)
+    text = text.copy()
+    text.iloc[others] = normal.to_numpy()
+    return text, changed
 
 
 def _parse_messy(text: pd.Series) -> dict[str, np.ndarray]:
@@ -1245,6 +1282,8 @@ def _marker_detail(kind: str, rows: np.ndarray, value: np.ndarray, numbers: _Num
         return detail
     if kind == AMBIGUOUS_SEPARATOR:
         return _ambiguity(numbers, rows)
+    if kind == UNICODE_DIGITS:
+        return "written in non-ASCII digits or marks; read as " + shown + ": check the value"
     if kind == IMPLAUSIBLE:
         detail = shown + f" is outside the plausible range {bounds}; set to missing"
         return detail.where(~not_whole[rows], f"{marker.label} must be a whole number from "

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phenotyper.cohort import (
+    CSV_READERS,
     ISSUE_COLUMNS,
     CohortError,
     _arrow_blocks,
@@ -1027,3 +1028,47 @@ def test_bad_label_and_trial_mappings_are_explained(tmp_path, mapping, pattern):
     with pytest.raises(CohortError, match=pattern) as error:
         read_cohort(path, mapping_path)
     assert "local.toml" in str(error.value)
+
+
+UNICODE_CELLS = [("\uff11\uff12\uff13", 123.0), ("\u0663\u0660\u0660\u0660", 3000.0),
+                 ("\u0661\u0662\u066b\u0665", 12.5), ("\u0967\u0968", 12.0),
+                 ("\u0661\u066c\u0662\u0663\u0664\u066b\u0665", 1234.5)]
+
+
+@pytest.mark.parametrize("csv_reader", CSV_READERS)
+def test_unicode_digits_are_read_as_the_number_and_flagged(tmp_path, csv_reader):
+    """Full-width (NFKC), Arabic-Indic with Arabic decimal and thousands marks, Devanagari."""
+    text = "patient_id,ferritin_ng_ml\n" + "".join(
+        f'p{i},"{cell}"\n' for i, (cell, _) in enumerate(UNICODE_CELLS)) + "p9,5\n"
+    path = write(tmp_path, text)
+    cohort = next(iter(open_cohort(path, csv_reader=csv_reader, block_rows=None).blocks()))
+    assert cohort.data["ferritin_ng_ml"].tolist() == [v for _, v in UNICODE_CELLS] + [5.0]
+    issues = cohort.issues
+    assert issues["kind"].tolist() == ["unicode_digits"] * len(UNICODE_CELLS)
+    assert issues["row"].tolist() == list(range(1, len(UNICODE_CELLS) + 1))
+    assert issues["value"].tolist() == [cell for cell, _ in UNICODE_CELLS]
+    assert "read as 123 ng/mL" in issues["detail"].iloc[0]
+
+
+@pytest.mark.parametrize("csv_reader", CSV_READERS)
+@pytest.mark.parametrize("position", ["first row", "after 64 KiB"])
+def test_a_nul_byte_makes_its_cell_unparseable_not_the_file_binary(tmp_path, csv_reader,
+                                                                   position):
+    filler = 5 if position == "first row" else 4000
+    rows = [f"p{i},{i % 90 + 1}" for i in range(filler)]
+    rows.insert(filler - 3, "bad,12\x00")
+    path = tmp_path / "cohort.csv"
+    path.write_bytes(("patient_id,crp_mg_l\n" + "\n".join(rows) + "\n").encode())
+    cohort = next(iter(open_cohort(path, csv_reader=csv_reader, block_rows=None).blocks()))
+    assert len(cohort.data) == filler + 1
+    bad = cohort.issues[cohort.issues["kind"] == "unparseable"]
+    assert bad["row"].tolist() == [filler - 2]
+    assert np.isnan(cohort.data["crp_mg_l"].iloc[filler - 3])
+    assert cohort.data["crp_mg_l"].notna().sum() == filler
+
+
+def test_a_mostly_nul_file_is_still_not_text(tmp_path):
+    path = tmp_path / "cohort.csv"
+    path.write_bytes("crp_mg_l\n4\n".encode("utf-16-le") * 50)  # UTF-16 without its BOM
+    with pytest.raises(CohortError, match="not a text file"):
+        read_cohort(path)
