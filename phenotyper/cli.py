@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for Ctrl-C (128 + SIGINT)
+
+
 def exit_with_error(message: str) -> NoReturn:
     """Print a one-paragraph red error on stderr (no traceback) and exit with status 2."""
     Console(stderr=True).print(Text(f"Error: {message}", style="bold red"), soft_wrap=True)
@@ -344,7 +347,7 @@ def score(
     except KeyboardInterrupt:
         console.print(Text(f"Interrupted: nothing was written to {output} (an existing file "
                            "there is unchanged).", style="bold red"))
-        raise typer.Exit(130) from None
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
     except (CohortError, ScoringError) as error:
         exit_with_error(str(error))
     except MlflowException as error:
@@ -575,11 +578,20 @@ def _print_report(report: QualityReport) -> None:
 
 
 def main() -> None:
-    """The `phenotyper` command. Its objects are frozen out of the garbage collector before
-    the interpreter ends: the final collection over MLflow's, SQLAlchemy's and pandas' objects
-    took a second at exit, more than a small scoring job's own work."""
+    """The `phenotyper` command. Exit codes: 0 success; 2 a wrong input or request (one clear
+    message); 130 interrupted; 1 an internal error only. Its objects are frozen out of the
+    garbage collector before the interpreter ends: the final collection over MLflow's,
+    SQLAlchemy's and pandas' objects took a second at exit, more than a small scoring job's
+    own work."""
+    import click
+
     try:
         app()
+    except SystemExit as done:
+        # Click turns Ctrl-C into Abort and exits 1, the internal-error code
+        if isinstance(done.__context__, click.exceptions.Abort):
+            raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+        raise
     finally:
         gc.freeze()
 

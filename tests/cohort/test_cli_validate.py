@@ -114,3 +114,32 @@ def test_validate_error_from_a_real_process_has_no_traceback(tmp_path):
     for text in ("labs.csv", "'HLA-DR' looks like hla_dr_mab_per_cell",
                  "'IL-6' looks like il6_pg_ml"):
         assert text in done.stderr
+
+
+@pytest.mark.parametrize("raised, code", [(KeyboardInterrupt, 130), (None, 0)])
+def test_exit_codes_ctrl_c_is_130_and_success_is_0(tmp_path, monkeypatch, raised, code):
+    """The console script's codes (Click alone would end Ctrl-C with 1, the internal-error
+    code); Ctrl-C is raised where the reading would be, as the terminal's signal would."""
+    import phenotyper.cohort
+    from phenotyper.cli import main
+
+    path = tmp_path / "c.csv"
+    path.write_text("patient_id,crp_mg_l\na,5\n")
+    if raised is not None:
+        def interrupted(*args, **kwargs):
+            raise raised
+        monkeypatch.setattr(phenotyper.cohort, "read_cohort", interrupted)
+    monkeypatch.setattr(sys, "argv", ["phenotyper", "validate", str(path)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert (done.value.code or 0) == code
+
+
+def test_a_full_width_number_is_read_and_flagged_not_a_traceback(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("patient_id,ferritin_ng_ml\na,\uff16\uff11\uff10\uff10\nb,300\n",
+                    encoding="utf-8")
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "unicode_digits" in result.stdout
+    assert read_cohort(path).data["ferritin_ng_ml"].tolist() == [6100.0, 300.0]
