@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pandas as pd
 import pytest
 
 from phenotyper.runs.train import train
-from phenotyper.serving import post, running_server, score
+from phenotyper.serving import free_port, post, running_server, running_service, score
 from phenotyper.simulate import simulate
 from phenotyper.tracking import registry
 from phenotyper.training.spec import ExperimentSpec
@@ -126,3 +128,25 @@ def test_a_tree_model_is_served_with_its_exact_shap_tables(store, monkeypatch) -
     assert (served["status"] == "ok").all()
     np.testing.assert_allclose(served[shap_columns].to_numpy(dtype=float),
                                local[shap_columns].to_numpy(dtype=float), rtol=0, atol=1e-9)
+
+
+def test_the_readmes_consumer_command_serves_without_an_activated_environment(server) -> None:
+    """The README's `mlflow models serve` command, run as written from the project root with
+    nothing of the environment on PATH (MLflow execs uvicorn by name)."""
+    root = Path(__file__).parents[2]
+    block = re.search(r"```sh\n(PATH=[^`]*?mlflow models serve[^`]*?)```",
+                      (root / "README.md").read_text()).group(1)
+    port = free_port()
+    command = block.replace("--port 5001", f"--port {port}")
+    venv_bin = str(Path(sys.executable).parent)
+    path = ":".join(p for p in os.environ["PATH"].split(":") if p != venv_bin)
+    env = {**os.environ, "PATH": path,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{Path.cwd() / 'mlflow.db'}"}
+    # the oldest-Python run has its environment elsewhere: the same command, pointed there
+    command = command.replace("$PWD/.venv/bin", venv_bin)
+    url = f"http://127.0.0.1:{port}"
+    with running_service(["bash", "-c", command], f"{url}/ping", cwd=root, env=env):
+        status, answer = post(url, json.dumps(
+            {"dataframe_records": _patients(2)}).encode())
+    assert status == 200, answer
+    assert len(answer["predictions"]) == 2
