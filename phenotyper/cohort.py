@@ -131,6 +131,7 @@ _ARROW_BLOCK_BYTES = 1 << 22
 # The text of each cell of the row appended after a file for Arrow's reader: that row comes out
 # as the last row only if the file does not end inside a quoted cell (which pandas refuses).
 _END_CELL = "\x1fphenotyper: end of file\x1f"
+ISSUE_VALUE_CHARS = 200  # an issue shows at most this much of a cell's text
 _REL_TOLERANCE = 1e-9  # plausible-range bounds are inclusive up to float rounding of conversions
 
 # A plain decimal number: the vectorised fast path casts these straight to float.
@@ -1286,6 +1287,8 @@ def _marker_detail(kind: str, rows: np.ndarray, value: np.ndarray, numbers: _Num
         return "written in non-ASCII digits or marks; read as " + shown + ": check the value"
     if kind == IMPLAUSIBLE:
         detail = shown + f" is outside the plausible range {bounds}; set to missing"
+        detail = detail.where(np.isfinite(value[rows]), f"a number beyond the range of a "
+                              f"64-bit float (plausible: {bounds}); set to missing")
         return detail.where(~not_whole[rows], f"{marker.label} must be a whole number from "
                                               f"{bounds}; set to missing")
     sentence = "negative value" if kind == NEGATIVE else "not a number"
@@ -1369,11 +1372,21 @@ def _first_rows(state: _StreamState, hashes: np.ndarray, rows: np.ndarray) -> np
     return first
 
 
+def _shown_value(value: pd.Series) -> pd.Series:
+    """A cell's text as an issue shows it: cut at `ISSUE_VALUE_CHARS`, saying how long it was
+    (a megabyte cell stays in the file, not in every report and manifest)."""
+    long = value.str.len() > ISSUE_VALUE_CHARS
+    if not long.any():
+        return value
+    return value.where(~long, value.str.slice(0, ISSUE_VALUE_CHARS) + "... ("
+                       + value.str.len().map("{:,}".format) + " characters)")
+
+
 def _issues(rows: np.ndarray, raw: pd.Series, kind: str, detail: pd.Series) -> pd.DataFrame:
     """Issue rows (0-based positions in, 1-based row numbers out) without column names."""
     return pd.DataFrame({
         "row": rows + 1,
-        "value": raw.iloc[rows].astype("str").fillna("").reset_index(drop=True),
+        "value": _shown_value(raw.iloc[rows].astype("str").fillna("").reset_index(drop=True)),
         "kind": kind,
         "detail": detail,
     })

@@ -1072,3 +1072,17 @@ def test_a_mostly_nul_file_is_still_not_text(tmp_path):
     path.write_bytes("crp_mg_l\n4\n".encode("utf-16-le") * 50)  # UTF-16 without its BOM
     with pytest.raises(CohortError, match="not a text file"):
         read_cohort(path)
+
+
+def test_a_megabyte_cell_and_a_number_beyond_float_range_are_flagged_not_fatal(tmp_path):
+    big = "9" * 1_000_000
+    path = write(tmp_path, f"patient_id,crp_mg_l\na,1e400\nb,{big}\nc,{'x' * 1_000_000}\nd,5\n")
+    cohort = read_cohort(path)
+    assert cohort.data["crp_mg_l"].isna().tolist() == [True, True, True, False]
+    issues = cohort.issues.set_index("row")
+    assert issues.loc[1, "kind"] == issues.loc[2, "kind"] == "implausible"
+    assert "beyond the range of a 64-bit float" in issues.loc[1, "detail"]
+    assert issues.loc[3, "kind"] == "unparseable"
+    # the issue shows the start of a huge cell and its length, not the megabyte
+    assert issues.loc[3, "value"].endswith("... (1,000,000 characters)")
+    assert len(issues.loc[3, "value"]) < 300
