@@ -290,15 +290,23 @@ def serve(
     """Serve a packaged model with MLflow's own scoring server (POST /invocations)."""
     import shutil
 
-    from phenotyper.tracking.registry import store_uri
+    from mlflow.exceptions import MlflowException
+
+    from phenotyper.tracking.registry import describe_model, store_uri, using_store
 
     uri = store_uri()
+    try:
+        with using_store(uri) as client:
+            info = describe_model(client, model)
+    except MlflowException as error:
+        exit_with_error(f"Cannot load model {model}: {error.message}")
     # MLflow starts its server by name (uvicorn): this environment's tools must come first
     tools = str(Path(sys.executable).parent)
     mlflow_cli = shutil.which("mlflow", path=tools) or "mlflow"
     command = [mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local",
                "--host", host, "--port", str(port), "--workers", str(workers)]
-    Console().print(Text(f"Serving {model} from {uri} on http://{host}:{port}/invocations"))
+    Console().print(Text(f"{_model_line(info)}\nServing {model} from {uri} on "
+                         f"http://{host}:{port}/invocations"))
     path = os.pathsep.join([tools, os.environ.get("PATH", "")])
     os.execvpe(command[0], command, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
 
@@ -367,8 +375,18 @@ class _RowsPerSecond(ProgressColumn):
         return Text(f"{task.speed or 0:,.0f} rows/s")
 
 
+def _model_line(info: dict) -> str:
+    """Which model version a command uses and when it was registered (trained)."""
+    if info.get("version") is None:
+        return f"Model: {info['uri']}"
+    return (f"Model: {info['name']} version {info['version']}, registered "
+            f"{info['registered_at'].replace('T', ' ').replace('+00:00', ' UTC')} "
+            f"({info['uri']})")
+
+
 def _print_scoring(manifest: dict, report_path: Path | None) -> None:
     console = Console()
+    console.print(Text(_model_line(manifest["model"])))
     table = Table(title=f"Scored {manifest['rows_out']:,} rows at "
                         f"{manifest['rows_per_s']:,.0f} rows/s", title_justify="left")
     table.add_column("status")

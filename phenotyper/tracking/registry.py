@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,11 @@ def load_packaged(uri: str, threads: int = 1, tracking_uri: str | None = None
 
 
 def describe_model(client: MlflowClient, uri: str) -> dict[str, str | None]:
-    """The registered name, version and run id behind a model URI, and the URI pinned to that
-    version (`resolved_uri`), so a long run loads the same version throughout."""
+    """The registered name, version, run id and registration time (UTC, ISO 8601) behind a
+    model URI, and the URI pinned to that version (`resolved_uri`), so a long run loads the
+    same version throughout."""
     info: dict[str, str | None] = {"uri": uri, "resolved_uri": uri, "name": None,
-                                   "version": None, "run_id": None}
+                                   "version": None, "run_id": None, "registered_at": None}
     if uri.startswith("models:/"):
         reference = uri.removeprefix("models:/").rstrip("/")
         if "@" in reference:
@@ -103,7 +105,9 @@ def describe_model(client: MlflowClient, uri: str) -> dict[str, str | None]:
             raise MlflowException(f"give a version or an alias: models:/{reference}/VERSION or "
                                   f"models:/{reference}@champion")
         info.update(resolved_uri=f"models:/{version.name}/{version.version}",
-                    name=version.name, version=str(version.version), run_id=version.run_id)
+                    name=version.name, version=str(version.version), run_id=version.run_id,
+                    registered_at=datetime.fromtimestamp(
+                        version.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"))
     elif uri.startswith("runs:/"):
         info["run_id"] = uri.removeprefix("runs:/").split("/", 1)[0]
     return info

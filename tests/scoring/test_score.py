@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +170,10 @@ def test_manifest_names_the_model_input_and_counts(store, tmp_path):
     _score(store, cohort, output, explain="none")
     manifest = json.loads((tmp_path / "scored.parquet.manifest.json").read_text())
     version = MlflowClient().get_model_version("batchmodel", "1")
+    registered = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC)
     assert manifest["model"] == {"uri": MODEL, "resolved_uri": MODEL, "name": "batchmodel",
-                                 "version": "1", "run_id": version.run_id}
+                                 "version": "1", "run_id": version.run_id,
+                                 "registered_at": registered.isoformat(timespec="seconds")}
     assert manifest["input_sha256"] == hashlib.sha256(cohort.read_bytes()).hexdigest()
     assert manifest["rows_in"] == manifest["rows_out"] == 300
     assert sum(manifest["phenotype_counts"].values()) == 300
@@ -252,6 +255,9 @@ def test_cli_prints_counts_and_shows_no_progress_bar_off_a_terminal(store, tmp_p
                                  "--output", str(tmp_path / "out.parquet")])
     assert result.exit_code == 0, result.output
     assert "Scored 200 rows" in result.output and "Scoring cohort.csv" not in result.output
+    # which version scored, and when it was registered (trained)
+    assert "Model: batchmodel version 1, registered 20" in result.output
+    assert " UTC (models:/batchmodel/1)" in result.output
 
 
 def test_request_refuses_an_unknown_engine_before_reading(tmp_path):
