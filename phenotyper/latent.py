@@ -84,6 +84,13 @@ def intervals(frame: Any, columns: Sequence[str],
     return low, high
 
 
+def point_intervals(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model-scale points with NaN where not measured, as the mixture's (low, high)."""
+    x = np.asarray(x, dtype=float)
+    missing = np.isnan(x)
+    return np.where(missing, -np.inf, x), np.where(missing, np.inf, x)
+
+
 def mixture_columns(frame: Any, candidates: Sequence[str] = NUMERIC_MARKERS) -> tuple[str, ...]:
     """The numeric panel markers a cohort measured at least once (sex is not Gaussian)."""
     return tuple(c for c in candidates if c in frame and np.isfinite(
@@ -295,16 +302,16 @@ def _pattern_pass(layout: _Layout, mixture: Mixture, anchors: np.ndarray | None,
         anchored = np.flatnonzero(anchors >= 0)
         resp[anchored] = np.eye(k_count)[anchors[anchored]]
         row_total[anchored] = log_joint[anchored, anchors[anchored]]
+    entropy_terms = resp * np.log(np.maximum(resp, 1e-300))
     if layout.weight is not None:  # a row of weight w counts as w patients
         resp = resp * layout.weight[:, None]
         row_total = row_total * layout.weight
+        entropy_terms = entropy_terms * layout.weight[:, None]
     stats = _Stats(resp.sum(axis=0), np.einsum("rk,rkd->kd", resp, filled),
                    np.stack([(filled[:, k] * resp[:, k, None]).T @ filled[:, k]
                              for k in range(k_count)]),
                    float(row_total.sum()),
-                   -float(np.sum(resp * np.log(np.maximum(
-                       resp / (1.0 if layout.weight is None else np.maximum(
-                           layout.weight[:, None], 1e-300)), 1e-300)))))
+                   -float(entropy_terms.sum()))
     per_pattern = np.zeros((len(layout.patterns), k_count))
     np.add.at(per_pattern, pattern, resp)
     for k in range(k_count):

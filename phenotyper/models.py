@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
@@ -31,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
 from phenotyper.contract import PHENOTYPES
-from phenotyper.latent import Mixture, fit_mixture, log_joint, posterior
+from phenotyper.latent import Mixture, fit_mixture, log_joint, point_intervals, posterior
 from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PANEL, sex_code, to_log_scale
 
 CANDIDATES = ("logistic", "xgboost", "gaussian")
@@ -129,11 +130,6 @@ class WeightedXGBClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
-def _as_intervals(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Model-scale points with NaN for missing, as the mixture's (low, high)."""
-    return np.where(np.isnan(x), -np.inf, x), np.where(np.isnan(x), np.inf, x)
-
-
 class GaussianClassifier(ClassifierMixin, BaseEstimator):
     """Class-conditional Gaussians over the numeric features of a `PanelFeatures` matrix
     (`features` names its columns; sex and other non-Gaussian columns are left out), missing
@@ -152,7 +148,7 @@ class GaussianClassifier(ClassifierMixin, BaseEstimator):
         self.columns_ = np.array([j for j, f in enumerate(self.features)
                                   if f in NUMERIC_MARKERS], dtype=int)
         x = np.asarray(X, dtype=float)[:, self.columns_]
-        fit = fit_mixture(*_as_intervals(x), [self.features[j] for j in self.columns_],
+        fit = fit_mixture(*point_intervals(x), [self.features[j] for j in self.columns_],
                           len(self.classes_), self.covariance, n_init=0, anchors=codes,
                           sample_weight=sample_weight)
         self.mixture_ = fit.mixture.renamed([str(c) for c in self.classes_])
@@ -162,12 +158,10 @@ class GaussianClassifier(ClassifierMixin, BaseEstimator):
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """Each class's log joint density of the measured features (softmax logits)."""
         x = np.asarray(X, dtype=float)[:, self.columns_]
-        return log_joint(self.mixture_, *_as_intervals(x))
+        return log_joint(self.mixture_, *point_intervals(x))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        logits = self.decision_function(X)
-        proba = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return proba / proba.sum(axis=1, keepdims=True)
+        return softmax(self.decision_function(X), axis=1)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from phenotyper.latent import Mixture, log_joint, quadratic_shapley
+from phenotyper.latent import Mixture, log_joint, point_intervals, quadratic_shapley
 from phenotyper.treeshap import tree_explainer
 
 ADDITIVITY_TOLERANCE = 1e-6  # |sum of contributions + base - logit|, relative to 1 + |logit|
@@ -88,16 +88,11 @@ class GaussianAdapter:
         self.n_features = len(spec["features"])
         self.columns = [spec["features"].index(c) for c in self.mixture.columns]
 
-    def _points(self, X: np.ndarray) -> np.ndarray:
-        return X[:, self.columns]
-
     def logits(self, X: np.ndarray) -> np.ndarray:
-        x = self._points(X)
-        return log_joint(self.mixture, np.where(np.isnan(x), -np.inf, x),
-                         np.where(np.isnan(x), np.inf, x))
+        return log_joint(self.mixture, *point_intervals(X[:, self.columns]))
 
     def contributions(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        values, base = quadratic_shapley(self.mixture, self._points(X))
+        values, base = quadratic_shapley(self.mixture, X[:, self.columns])
         logits = self.logits(X)
         gap = np.abs(values.sum(axis=2) + base - logits)
         if not np.all(gap <= ADDITIVITY_TOLERANCE * (1 + np.abs(logits))):

@@ -25,7 +25,7 @@ import pandas as pd
 
 from phenotyper.contract import EXPLAIN_MODES, LATENT_ENTROPY, LATENT_PROB_PREFIX, OK
 from phenotyper.immunosep import RULE_MARKERS, immunosep_phenotype
-from phenotyper.latent import Mixture, entropy, log_posterior
+from phenotyper.latent import Mixture, entropy, log_posterior, point_intervals
 from phenotyper.packaged.adapters import ADAPTERS
 from phenotyper.packaged.format import READABLE_FORMAT_VERSIONS, SPEC_FILE
 from phenotyper.panel import PANEL, PATIENT_ID, SEX_ALIASES, SEX_CODE, to_log_scale
@@ -72,8 +72,7 @@ class PackagedPhenotyper:
     def _latent(self, X: np.ndarray, ok: np.ndarray) -> dict[str, np.ndarray]:
         """The mixture's posterior and its entropy per row (NaN where the row is not scored);
         the features are already on the mixture's scale (log lab markers, linear SOFA/age)."""
-        x = X[:, self._latent_columns]
-        low, high = np.where(np.isnan(x), -np.inf, x), np.where(np.isnan(x), np.inf, x)
+        low, high = point_intervals(X[:, self._latent_columns])
         proba = np.full((len(X), self.latent.n_classes), np.nan)
         if ok.any():
             proba[ok] = np.exp(log_posterior(self.latent, low[ok], high[ok]))

@@ -13,7 +13,7 @@ import shap
 from sklearn.metrics import log_loss
 
 from phenotyper.contract import PHENOTYPES
-from phenotyper.latent import Mixture, log_joint, quadratic_shapley
+from phenotyper.latent import Mixture, log_joint, point_intervals, quadratic_shapley
 from phenotyper.models import GaussianClassifier, build_candidate
 from phenotyper.packaged.model import PackagedPhenotyper
 from phenotyper.panel import NUMERIC_MARKERS
@@ -39,8 +39,7 @@ def _logit(mixture: Mixture, k: int, seen: np.ndarray):
     def f(v: np.ndarray) -> np.ndarray:
         x = np.full((len(v), len(mixture.columns)), np.nan)
         x[:, seen] = v
-        low, high = np.where(np.isnan(x), -np.inf, x), np.where(np.isnan(x), np.inf, x)
-        return log_joint(mixture, low, high)[:, k]
+        return log_joint(mixture, *point_intervals(x))[:, k]
     return f
 
 
@@ -63,7 +62,7 @@ def test_rows_with_missing_markers_are_exact_on_their_pattern_and_add_up() -> No
     rows = rng.normal(size=(300, 5))
     rows[rng.random(rows.shape) < 0.35] = np.nan
     values, base = quadratic_shapley(mixture, rows)
-    low, high = np.where(np.isnan(rows), -np.inf, rows), np.where(np.isnan(rows), np.inf, rows)
+    low, high = point_intervals(rows)
     # additivity on every row and class
     np.testing.assert_allclose(values.sum(axis=2) + base, log_joint(mixture, low, high),
                                atol=1e-10)
@@ -101,7 +100,7 @@ def test_the_candidate_recovers_class_conditional_gaussians_with_missing_markers
     assert np.abs((model.mixture_.means - truth.means) / sd).max() < 0.15
     scale = sd[:, :, None] * sd[:, None, :]
     assert np.abs((model.mixture_.covariances - truth.covariances) / scale).max() < 0.2
-    low, high = np.where(np.isnan(x), -np.inf, x), np.where(np.isnan(x), np.inf, x)
+    low, high = point_intervals(x)
     true_posterior = np.exp(log_joint(truth, low, high))
     true_posterior /= true_posterior.sum(axis=1, keepdims=True)
     assert np.abs(model.predict_proba(x) - true_posterior).mean() < 0.02

@@ -35,12 +35,8 @@ def draw(n: int, seed: int, missing: float = 0.0, covariances: np.ndarray | None
     return x, truth
 
 
-def as_intervals(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.where(np.isnan(x), -np.inf, x), np.where(np.isnan(x), np.inf, x)
-
-
 def fit(x: np.ndarray, covariance: str = "tied", **kwargs) -> latent.Mixture:
-    low, high = as_intervals(x)
+    low, high = latent.point_intervals(x)
     result = latent.fit_mixture(low, high, COLUMNS, 3, covariance, n_init=3, seed=1, **kwargs)
     return latent.named(result.mixture)[0]
 
@@ -59,7 +55,7 @@ def test_em_recovers_a_known_mixture_with_30_percent_of_markers_missing(covarian
 def test_the_likelihood_marginalises_missing_markers_exactly():
     x, _ = draw(400, seed=3, missing=0.4)
     mixture = latent.Mixture(COLUMNS, PHENOTYPES, WEIGHTS, MEANS, np.stack([COVARIANCE] * 3))
-    low, high = as_intervals(x)
+    low, high = latent.point_intervals(x)
     log_post = latent.log_posterior(mixture, low, high)
     for row in range(0, 400, 37):
         seen = ~np.isnan(x[row])
@@ -77,8 +73,8 @@ def test_missing_markers_are_not_imputed():
     measured = np.array([[6.5, np.nan, -0.6, 5.0]])
     guessed = measured.copy()
     guessed[0, 1] = np.nanmedian(MEANS[:, 1])
-    p_missing = np.exp(latent.log_posterior(mixture, *as_intervals(measured)))
-    p_guessed = np.exp(latent.log_posterior(mixture, *as_intervals(guessed)))
+    p_missing = np.exp(latent.log_posterior(mixture, *latent.point_intervals(measured)))
+    p_guessed = np.exp(latent.log_posterior(mixture, *latent.point_intervals(guessed)))
     assert np.abs(p_missing - p_guessed).max() > 0.05
 
 
@@ -101,7 +97,7 @@ def test_censored_values_enter_as_intervals_not_points():
     limit = np.quantile(x[:, 3], 0.7)  # the top 30% of CRP censored
     over = x[:, 3] > limit
     x[over, 3] = limit
-    low, high = as_intervals(x)
+    low, high = latent.point_intervals(x)
     high[over, 3] = np.inf
     as_interval = latent.named(latent.fit_mixture(low, high, COLUMNS, 3, n_init=2,
                                                   seed=1).mixture)[0]
@@ -158,7 +154,7 @@ def test_labelled_rows_anchor_their_class():
     anchors = np.full(len(x), -1)
     labelled = np.random.default_rng(0).choice(len(x), 60, replace=False)
     anchors[labelled] = truth[labelled]
-    low, high = as_intervals(x)
+    low, high = latent.point_intervals(x)
     result = latent.fit_mixture(low, high, COLUMNS, 3, anchors=anchors, n_init=1, seed=2)
     assert latent.name_classes(result.mixture).order == (0, 1, 2)  # anchored, so in order
     known = latent.Mixture(COLUMNS, PHENOTYPES, WEIGHTS, MEANS, np.stack([COVARIANCE] * 3))
@@ -169,7 +165,7 @@ def test_labelled_rows_anchor_their_class():
 
 def test_bic_prefers_the_true_number_of_classes():
     x, _ = draw(6000, seed=11, missing=0.1)
-    low, high = as_intervals(x)
+    low, high = latent.point_intervals(x)
     sweep = latent.bic_sweep(low, high, COLUMNS, (2, 4), n_init=2, seed=0)
     assert min(sweep, key=lambda k: sweep[k].bic) == 3
     assert all(0 <= fit.relative_entropy <= 1 for fit in sweep.values())
@@ -180,7 +176,8 @@ def test_posterior_of_a_cohort_frame_reads_markers_on_the_model_scale():
     x, _ = draw(50, seed=2, missing=0.2)
     frame = pd.DataFrame(np.exp(x), columns=COLUMNS)  # lab units; the mixture logs them
     mixture = latent.Mixture(COLUMNS, PHENOTYPES, WEIGHTS, MEANS, np.stack([COVARIANCE] * 3))
-    direct = np.exp(latent.log_posterior(mixture, *as_intervals(np.log(np.exp(x) + 1e-3))))
+    points = latent.point_intervals(np.log(np.exp(x) + 1e-3))
+    direct = np.exp(latent.log_posterior(mixture, *points))
     np.testing.assert_allclose(latent.posterior(mixture, frame), direct, atol=1e-12)
     again = latent.Mixture.from_dict(mixture.as_dict())
     np.testing.assert_allclose(latent.posterior(again, frame), direct, atol=1e-12)
@@ -193,6 +190,6 @@ def test_posterior_of_a_cohort_frame_reads_markers_on_the_model_scale():
 def test_a_cohort_too_small_or_sparse_gets_one_clear_message(n, columns, message):
     x, _ = draw(n, seed=1)
     x = np.column_stack([x, np.full(n, np.nan)])[:, : len(columns)]
-    low, high = as_intervals(x)
+    low, high = latent.point_intervals(x)
     with pytest.raises(latent.LatentError, match=message):
         latent.fit_mixture(low, high, columns, 3)
