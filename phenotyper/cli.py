@@ -14,7 +14,7 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
 
-from phenotyper.contract import BLOCK_ROWS, DEFAULT_MODEL_URI, SYNTHETIC_BANNER
+from phenotyper.contract import BLOCK_ROWS, DEFAULT_MODEL_URI, SKIP_ROW, SYNTHETIC_BANNER
 from phenotyper.presets import available_presets
 
 if TYPE_CHECKING:
@@ -330,6 +330,10 @@ def score(
         "--report", help="Also write a self-contained HTML report here.")] = None,
     block_rows: Annotated[int, typer.Option(
         min=1, help="Rows read and scored at a time (memory grows with it).")] = BLOCK_ROWS,
+    rejected_values: Annotated[str, typer.Option(
+        help="A value that is not a number or is implausible: skip-row leaves its row "
+             "unscored (for clinical use); missing scores the row without that value, the "
+             "status naming what was set aside (for retrospective studies).")] = SKIP_ROW,
 ) -> None:
     """Score a cohort file: one output row per input row, in input order, each with a status."""
     from mlflow.exceptions import MlflowException
@@ -342,7 +346,7 @@ def score(
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours suffices
     request = ScoreRequest(model, input_path, output, mapping, explain, engine, report_path,
-                           block_rows)
+                           block_rows, rejected_values=rejected_values)
     console = Console(stderr=True)
     progress = Progress(SpinnerColumn(), TextColumn("Scoring {task.description}"),
                         TextColumn("{task.completed:,} rows"), _RowsPerSecond(),

@@ -35,6 +35,22 @@ SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are 
 OK = "ok"
 NOT_SCORED = "not scored"
 MODEL_REJECTED = "rejected_by_model"
+# What a rejected value (unparseable, implausible, outside the model's range) does to its row:
+# `skip-row` leaves the row unscored (the default for clinical use); `missing` scores the row
+# with that value treated as missing, its status saying what was set aside ("scored without
+# crp_mg_l=1410 ...", kind VALUE_SET_ASIDE).
+SKIP_ROW, AS_MISSING = "skip-row", "missing"
+REJECTED_VALUES_MODES = (SKIP_ROW, AS_MISSING)
+SET_ASIDE_PREFIX = "scored without "
+VALUE_SET_ASIDE = "value_set_aside"
+SCORED_KINDS = frozenset({OK, VALUE_SET_ASIDE})  # status kinds of rows the model scored
+
+
+def is_scored(status: str) -> bool:
+    """Whether a row with this status was scored (ok, or with rejected values set aside)."""
+    return status == OK or status.startswith(SET_ASIDE_PREFIX)
+
+
 # A label-free model's latent-class posterior beside the distilled candidate's answer.
 LATENT_PROB_PREFIX = "latent_prob_"
 LATENT_ENTROPY = "latent_entropy"

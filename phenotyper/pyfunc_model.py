@@ -11,6 +11,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from phenotyper.contract import SKIP_ROW
 from phenotyper.packaged import PackagedPhenotyper
 from phenotyper.packaged.format import ARTIFACT
 
@@ -24,8 +25,10 @@ class PhenotyperModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        explain = (params or {}).get("explain", "predicted")
-        return self.model.predict(pd.DataFrame(model_input), explain=explain)
+        params = params or {}
+        return self.model.predict(pd.DataFrame(model_input),
+                                  explain=params.get("explain", "predicted"),
+                                  rejected_values=params.get("rejected_values", SKIP_ROW))
 
 
 mlflow.models.set_model(PhenotyperModel())

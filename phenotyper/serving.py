@@ -90,12 +90,12 @@ def post(url: str, body: bytes, timeout_s: float = 30.0) -> tuple[int, dict[str,
         return error.code, json.loads(error.read())
 
 
-def score(url: str, records: list[dict[str, Any]], explain: str | None = None
-          ) -> list[dict[str, Any]]:
-    """Scored rows for patient records (dicts of panel columns), in order."""
+def score(url: str, records: list[dict[str, Any]], **params: str) -> list[dict[str, Any]]:
+    """Scored rows for patient records (dicts of panel columns), in order; `params` are the
+    model's predict parameters (explain, rejected_values)."""
     payload: dict[str, Any] = {"dataframe_records": records}
-    if explain:
-        payload["params"] = {"explain": explain}
+    if params:
+        payload["params"] = params
     status, answer = post(url, json.dumps(payload).encode())
     if status != 200:
         raise RuntimeError(f"scoring server answered {status}: {answer.get('message')}")

@@ -23,7 +23,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from phenotyper.contract import EXPLAIN_MODES, LATENT_ENTROPY, LATENT_PROB_PREFIX, OK
+from phenotyper.contract import (
+    AS_MISSING,
+    EXPLAIN_MODES,
+    LATENT_ENTROPY,
+    LATENT_PROB_PREFIX,
+    OK,
+    REJECTED_VALUES_MODES,
+    SET_ASIDE_PREFIX,
+    SKIP_ROW,
+    is_scored,
+)
 from phenotyper.immunosep import RULE_MARKERS, immunosep_phenotype
 from phenotyper.latent import Mixture, entropy, log_posterior, point_intervals
 from phenotyper.packaged.adapters import ADAPTERS
@@ -96,17 +106,22 @@ class PackagedPhenotyper:
 
     # --- features -------------------------------------------------------------------------
 
-    def _matrix(self, cells: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, list[str]]:
+    def _matrix(self, cells: dict[str, np.ndarray], n: int, rejected_values: str = SKIP_ROW
+                ) -> tuple[np.ndarray, list[str]]:
         """Model features as floats (log where the model logs), and a status per row, from
-        the cohort's `_cells`."""
-        status = [OK] * n
+        the cohort's `_cells`. A rejected value never reaches the model: its row is not
+        scored (`skip-row`) or scored with that value missing (`missing`, see contract)."""
+        if rejected_values not in REJECTED_VALUES_MODES:
+            raise ValueError(f"rejected_values must be one of {REJECTED_VALUES_MODES}, not "
+                             f"{rejected_values!r}")
+        problems: list[list[str]] = [[] for _ in range(n)]
         X = np.full((n, len(self.features)), np.nan)
         for j, name in enumerate(self.features):
             if name not in cells:
                 continue
             column = cells[name]
             if name == "sex":
-                X[:, j] = _sex(column, status)
+                X[:, j] = _sex(column, problems)
                 continue
             values, text_given = _numbers(column)
             low, high = self._ranges[j]
@@ -114,12 +129,13 @@ class PackagedPhenotyper:
                 bad = text_given | (values < low) | (values > high) | np.isinf(values)
             for row in np.flatnonzero(bad):
                 unit = PANEL[name].unit if name in PANEL else ""
-                problem = (f"{name} is not a number ({column[row]!r})" if text_given[row]
-                           else f"{name}={values[row]:g} is outside {low:g}-{high:g} {unit}")
-                status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
-            X[:, j] = np.where(bad, np.nan, values)  # a rejected value never reaches the model
+                problems[row].append(
+                    f"{name} is not a number ({column[row]!r})" if text_given[row]
+                    else f"{name}={values[row]:g} is outside {low:g}-{high:g} {unit}")
+            X[:, j] = np.where(bad, np.nan, values)
         X[:, self._logged] = to_log_scale(X[:, self._logged])
-        return X, status
+        prefix = SET_ASIDE_PREFIX if rejected_values == AS_MISSING else ""
+        return X, [prefix + "; ".join(found) if found else OK for found in problems]
 
     # --- logits and contributions -----------------------------------------------------------
 
@@ -138,7 +154,7 @@ class PackagedPhenotyper:
             matrix, intercept = self._calibration
             contributions = np.einsum("kj,njf->nkf", matrix, contributions)
             base = matrix @ base + intercept
-        bad = np.array([s != OK for s in status], dtype=bool)
+        bad = np.array([not is_scored(s) for s in status], dtype=bool)
         contributions[bad] = np.nan
         return contributions, base, status
 
@@ -166,14 +182,17 @@ class PackagedPhenotyper:
 
     # --- the contract -----------------------------------------------------------------------
 
-    def predict(self, cohort: pd.DataFrame, explain: str = "predicted") -> pd.DataFrame:
+    def predict(self, cohort: pd.DataFrame, explain: str = "predicted",
+                rejected_values: str = SKIP_ROW) -> pd.DataFrame:
         """One output row per input row, same order: phenotype, probabilities, the rule's
-        answer, a status, and (unless explain='none') SHAP contributions and top drivers."""
+        answer, a status, and (unless explain='none') SHAP contributions and top drivers.
+        `rejected_values`: what a value the range checks refuse does (contract.SKIP_ROW or
+        AS_MISSING)."""
         if explain not in EXPLAIN_MODES:
             raise ValueError(f"explain must be one of {EXPLAIN_MODES}, not {explain!r}")
         n = len(cohort)
         cells = _cells(cohort, self._reads)
-        X, status = self._matrix(cells, n)
+        X, status = self._matrix(cells, n, rejected_values)
         if explain == "none":
             logits, status = self._logits(X, status)
         else:
@@ -181,7 +200,7 @@ class PackagedPhenotyper:
             logits = contributions.sum(axis=2) + base
         logits = logits - logits.max(axis=1, keepdims=True)
         proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        ok = np.array([s == OK for s in status], dtype=bool)
+        ok = np.array([is_scored(s) for s in status], dtype=bool)
         predicted = np.where(ok, proba.argmax(axis=1), -1)
         classes = np.array(self.classes, dtype=object)
         rule = self.spec["rule"]
@@ -247,17 +266,16 @@ def _numbers(column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, ~pd.isna(column) & np.isnan(values)
 
 
-def _sex(column: np.ndarray, status: list[str]) -> np.ndarray:
+def _sex(column: np.ndarray, problems: list[list[str]]) -> np.ndarray:
     """M as 1, F as 0 (any spelling of SEX_ALIASES), missing as NaN; a text that is neither
-    is NaN and reported in that row's status. Each distinct text is read once."""
+    is NaN and added to that row's problems. Each distinct text is read once."""
     codes, texts = pd.factorize(pd.array(column, dtype="string"))  # missing: code -1
     texts = [str(text).strip() for text in texts]
     sexes = [SEX_ALIASES.get(text.lower()) for text in texts]
     for row in np.flatnonzero(codes >= 0):
         text, sex = texts[codes[row]], sexes[codes[row]]
         if text != "" and sex is None:
-            problem = f"sex {text!r} is not F or M"
-            status[row] = problem if status[row] == OK else f"{status[row]}; {problem}"
+            problems[row].append(f"sex {text!r} is not F or M")
     value = np.array([SEX_CODE.get(sex, np.nan) for sex in sexes] + [np.nan])
     return value[codes]
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from phenotyper.contract import is_scored
 from phenotyper.panel import sex_code
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def waterfall_figure(model: PackagedPhenotyper, patient: pd.DataFrame,
     import shap
 
     scored = model.predict(patient, explain="all").iloc[0]
-    if scored["status"] != "ok":
+    if not is_scored(scored["status"]):
         raise ValueError(f"patient cannot be scored: {scored['status']}")
     label = scored["phenotype"]
     explanation = shap.Explanation(
@@ -57,7 +58,7 @@ def cohort_figures(model: PackagedPhenotyper, cohort: pd.DataFrame, seed: int = 
 
     rows = cohort.sample(min(SUMMARY_ROWS, len(cohort)), random_state=seed)
     contributions, base, status = model.contributions(rows)
-    keep = np.array([s == "ok" for s in status])
+    keep = np.array([is_scored(s) for s in status])
     contributions, values = contributions[keep], _values(model, rows)[keep]
     pictures = {}
     for k, label in enumerate(model.classes):

@@ -15,7 +15,14 @@ from matplotlib.figure import Figure
 
 import phenotyper
 from phenotyper.cohort import IMPLAUSIBLE, NEGATIVE, UNKNOWN_CATEGORY, UNPARSEABLE
-from phenotyper.contract import INDETERMINATE, MODEL_REJECTED, NOT_SCORED, OK, SYNTHETIC_BANNER
+from phenotyper.contract import (
+    INDETERMINATE,
+    MODEL_REJECTED,
+    NOT_SCORED,
+    SCORED_KINDS,
+    SYNTHETIC_BANNER,
+    VALUE_SET_ASIDE,
+)
 from phenotyper.plots import png_bytes
 from phenotyper.plots.scoring import (
     MODEL_NAME,
@@ -114,11 +121,13 @@ def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _cards(summary: ScoreSummary) -> list[tuple[str, str]]:
     """The key counts: (name, value)."""
-    scored = summary.by_status.get(OK, 0)
+    scored = sum(summary.by_status.get(kind, 0) for kind in SCORED_KINDS)
+    set_aside = summary.by_status.get(VALUE_SET_ASIDE, 0)
     agree = sum(summary.agreement.get((name, name), 0) for name in summary.classes)
     return [
         ("rows", f"{summary.rows:,}"),
         ("scored by the model", f"{scored:,}"),
+        *([("scored with a rejected value set aside", f"{set_aside:,}")] if set_aside else []),
         ("not scored", f"{summary.rows - scored:,}"),
         ("model agrees with the rule", _percent(agree, _called_by_both(summary))),
         ("rows with reader issues", f"{summary.issue_rows:,}"),
@@ -206,7 +215,8 @@ def _sites(summary: ScoreSummary) -> dict[str, Any]:
 
 def _unscored(summary: ScoreSummary) -> dict[str, Any]:
     """Rows the model did not score, by reason with examples, and rows with reader issues."""
-    reasons = [(kind, count) for kind, count in summary.by_status.most_common() if kind != OK]
+    reasons = [(kind, count) for kind, count in summary.by_status.most_common()
+               if kind not in SCORED_KINDS]
     examples = summary.unscored_examples
     return {
         "unscored": f"{sum(count for _, count in reasons):,}", "rows": f"{summary.rows:,}",

@@ -60,13 +60,12 @@ def _score(request: ScoreRequest, client: MlflowClient,
                 block = next(blocks, None)
                 if block is None:
                     return
-                checks = row_checks(block, model.features)
+                checks = row_checks(block, model.features, request.rejected_values)
             rows_in += len(block.data)
             yield block, checks
 
     if request.engine == "local":
-        outputs = local_blocks(model, request.explain, schema, read_ahead(checked_blocks()),
-                                timer)
+        outputs = local_blocks(model, request, schema, read_ahead(checked_blocks()), timer)
     else:
         from phenotyper.scoring.spark import spark_blocks
 
@@ -94,6 +93,7 @@ def _score(request: ScoreRequest, client: MlflowClient,
             "model": model_info,
             "engine": request.engine,
             "explain": request.explain,
+            "rejected_values": request.rejected_values,
             "explainer": model.describe_explainer() if request.explain != "none" else None,
             "rows_in": rows_in,
             "rows_out": summary.rows,

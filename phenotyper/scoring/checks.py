@@ -12,12 +12,18 @@ import pyarrow.compute as pc
 
 from phenotyper.cohort import IMPLAUSIBLE, NEGATIVE, UNKNOWN_CATEGORY, UNPARSEABLE, Cohort
 from phenotyper.contract import (
+    AS_MISSING,
     EXPLAIN_MODES,
     LATENT_ENTROPY,
     LATENT_PROB_PREFIX,
     MODEL_REJECTED,
     NOT_SCORED,
     OK,
+    SCORED_KINDS,
+    SET_ASIDE_PREFIX,
+    SKIP_ROW,
+    VALUE_SET_ASIDE,
+    is_scored,
 )
 from phenotyper.packaged.model import PackagedPhenotyper
 from phenotyper.panel import PATIENT_ID, SITE_ID
@@ -60,9 +66,11 @@ READER_STATUS, READER_KIND = "reader_status", "reader_status_kind"
 CHECK_COLUMNS = (ROW, PATIENT_ID, SITE_ID, READER_STATUS, READER_KIND, ISSUES)
 
 
-def row_checks(block: Cohort, features: list[str]) -> pd.DataFrame:
+def row_checks(block: Cohort, features: list[str], rejected_values: str = SKIP_ROW
+               ) -> pd.DataFrame:
     """Per row (CHECK_COLUMNS): the file row number, ids, and a status from the reader's
-    issues (a rejected value in a model feature stops scoring; other issues are listed)."""
+    issues (a rejected value in a model feature stops scoring, or under `missing` is set
+    aside and the row scored without it; other issues are listed)."""
     n = len(block.data)
     status = np.full(n, OK, dtype=object)
     kind = np.full(n, OK, dtype=object)
@@ -80,8 +88,12 @@ def row_checks(block: Cohort, features: list[str]) -> pd.DataFrame:
         if rejects.any():
             first_kind = table["kind"][rejects].groupby(position[rejects]).first()
             at = first_kind.index.to_numpy()
-            kind[at] = first_kind.to_numpy()
-            status[at] = NOT_SCORED + ": " + status[at].astype(str)
+            if rejected_values == AS_MISSING:  # the reader already set the value missing
+                kind[at] = VALUE_SET_ASIDE
+                status[at] = SET_ASIDE_PREFIX + status[at].astype(str)
+            else:
+                kind[at] = first_kind.to_numpy()
+                status[at] = NOT_SCORED + ": " + status[at].astype(str)
     # the ids as read (no copy), the texts as objects (pandas would make Arrow strings of them
     # here and the writer again)
     return pd.DataFrame({
@@ -96,7 +108,7 @@ class ScoredBlock:
     """One block of output in contract form, and the kind behind each row's status."""
 
     table: pa.Table  # the output schema's columns
-    status_kind: np.ndarray  # "ok", a reader issue kind, or MODEL_REJECTED
+    status_kind: np.ndarray  # "ok", VALUE_SET_ASIDE, a reader issue kind, or MODEL_REJECTED
 
 
 CHECKED = (ROW, PATIENT_ID, SITE_ID, ISSUES)  # output columns taken from the row checks
@@ -112,14 +124,29 @@ def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> Sco
     model = pa.Table.from_pandas(scored, preserve_index=False, nthreads=1)
     reader = pa.Table.from_pandas(checks[[*CHECKED, READER_STATUS]], preserve_index=False,
                                   nthreads=1)
-    reader_status = checks[READER_STATUS].to_numpy(dtype=object)
-    rejected = reader_status != OK
-    unscored = rejected | ~pc.equal(model["status"], OK).to_numpy(zero_copy_only=False)
+    reader_kind = checks[READER_KIND].to_numpy(dtype=object)
+    rejected = ~np.isin(reader_kind, list(SCORED_KINDS))
+    set_aside = reader_kind == VALUE_SET_ASIDE
+    model_status = model["status"].to_numpy(zero_copy_only=False)
+    model_flagged = model_status != OK  # the model refused a value (row skipped or set aside)
+    unscored = rejected
+    if model_flagged.any():
+        model_scored = np.array([is_scored(s) for s in model_status[model_flagged]])
+        unscored = rejected.copy()
+        unscored[np.flatnonzero(model_flagged)[~model_scored]] = True
+    # the status: the reader's where it rejected or set a value aside, joined with what the
+    # model's own range checks set aside
+    status = reader[READER_STATUS]
+    if set_aside.any():
+        texts = checks[READER_STATUS].to_numpy(dtype=object).copy()
+        for row in np.flatnonzero(set_aside & model_flagged):
+            texts[row] += "; " + model_status[row].removeprefix(SET_ASIDE_PREFIX)
+        status = pa.chunked_array([pa.array(texts, pa.string())])
     # (where, value) per column the reader's or the model's rejection overrides
     # (a row the model did not score has no phenotype: under pandas 3, MLflow's Spark UDF
     # returns a missing string as the text 'nan')
     overrides = {"phenotype": (unscored, None), "top_drivers": (rejected, ""),
-                 "status": (rejected, reader[READER_STATUS])}
+                 "status": (rejected | set_aside, status)}
     columns = []
     for column in schema:
         values = (reader if column.name in CHECKED else model)[column.name].cast(column.type)
@@ -130,6 +157,6 @@ def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> Sco
                 pa.scalar(value, column.type))
             values = pc.if_else(where, value, values)
         columns.append(values)
-    kind = np.where(rejected, checks[READER_KIND].to_numpy(dtype=object),
-                    np.where(unscored, MODEL_REJECTED, OK))
+    kind = np.where(rejected, reader_kind, np.where(
+        unscored, MODEL_REJECTED, np.where(set_aside | model_flagged, VALUE_SET_ASIDE, OK)))
     return ScoredBlock(pa.Table.from_arrays(columns, schema=schema), kind)

@@ -17,16 +17,17 @@ import pyarrow.parquet as pq
 from phenotyper.cohort import Cohort
 from phenotyper.packaged import PackagedPhenotyper
 from phenotyper.scoring.checks import ScoredBlock, finish
-from phenotyper.scoring.request import Timer
+from phenotyper.scoring.request import ScoreRequest, Timer
 
 
-def local_blocks(model: PackagedPhenotyper, explain: str, schema: pa.Schema,
-                  blocks: Iterator[tuple[Cohort, pd.DataFrame]], timer: Timer
-                  ) -> Iterator[ScoredBlock]:
+def local_blocks(model: PackagedPhenotyper, request: ScoreRequest, schema: pa.Schema,
+                 blocks: Iterator[tuple[Cohort, pd.DataFrame]], timer: Timer
+                 ) -> Iterator[ScoredBlock]:
     """Each checked block scored by the packaged model in this process, in order."""
     for block, checks in blocks:
         with timer.stage("score"):
-            scored = model.predict(block.data, explain=explain)
+            scored = model.predict(block.data, explain=request.explain,
+                                   rejected_values=request.rejected_values)
             out = finish(scored, checks, schema)
         yield out
 

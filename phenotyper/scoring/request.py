@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phenotyper.cohort import BLOCK_ROWS, PARQUET_SUFFIXES
-from phenotyper.contract import EXPLAIN_MODES
+from phenotyper.contract import EXPLAIN_MODES, REJECTED_VALUES_MODES, SKIP_ROW
 
 ENGINES = ("local", "spark")
 
@@ -36,6 +36,7 @@ class ScoreRequest:
     report_path: Path | None = None
     block_rows: int = BLOCK_ROWS
     csv_reader: str = "arrow"  # cohort.CSV_READERS (open_cohort)
+    rejected_values: str = SKIP_ROW  # contract.REJECTED_VALUES_MODES
 
     @property
     def manifest_path(self) -> Path:
@@ -65,6 +66,9 @@ def check_request(request: ScoreRequest) -> None:
     if request.explain not in EXPLAIN_MODES:
         raise ScoringError(f"--explain must be one of {', '.join(EXPLAIN_MODES)}, not "
                            f"{request.explain!r}.")
+    if request.rejected_values not in REJECTED_VALUES_MODES:
+        raise ScoringError(f"--rejected-values must be one of "
+                           f"{', '.join(REJECTED_VALUES_MODES)}, not {request.rejected_values!r}.")
     suffix = request.output_path.suffix.lower()
     if suffix not in (*PARQUET_SUFFIXES, ".csv"):
         raise ScoringError(f"Cannot write {request.output_path}: name the output .parquet or "

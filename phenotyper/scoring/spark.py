@@ -103,7 +103,8 @@ def spark_blocks(request: ScoreRequest, schema: pa.Schema,
                             if field.name not in CHECK_COLUMNS or field.name == "patient_id"]
             udf = mlflow.pyfunc.spark_udf(
                 spark, request.model_uri, result_type=_ddl(model_output), env_manager="local",
-                params={"explain": request.explain})
+                params={"explain": request.explain,
+                        "rejected_values": request.rejected_values})
             frame = spark.read.parquet(str(staged))
             inputs = [column for column in frame.columns if not column.startswith(_CHECK_PREFIX)]
             checks = [spark_functions.col(_CHECK_PREFIX + name).alias(_CHECK_PREFIX + name)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from phenotyper.contract import INDETERMINATE, NOT_SCORED, OK
+from phenotyper.contract import INDETERMINATE, NOT_SCORED, SCORED_KINDS
 from phenotyper.panel import PATIENT_ID, SITE_ID
 from phenotyper.scoring.checks import ISSUES, ROW
 
@@ -67,7 +67,7 @@ class ScoreSummary:
                 (site_names[code // len(model_names)], model_names[code % len(model_names)],
                  count) for code, count in enumerate(by_site.tolist()) if count):
             self.sites.setdefault(site_name, Counter())[model_name] += count
-        scored = (status_kind == OK)
+        scored = np.isin(status_kind, list(SCORED_KINDS))
         edges = np.linspace(0, 1, PROBABILITY_BINS + 1)
         for name in self.classes:
             counts, _ = np.histogram(out[f"prob_{name}"].to_numpy()[scored], bins=edges)

@@ -18,6 +18,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import phenotyper
+from phenotyper.contract import SKIP_ROW
 from phenotyper.packaged import PackagedPhenotyper
 from phenotyper.packaged.format import ARTIFACT, PYFUNC_ENTRY
 from phenotyper.panel import PANEL, PATIENT_ID
@@ -171,7 +172,8 @@ def log_packaged_model(exported: Path, example_cohort: pd.DataFrame, features: S
     output = PackagedPhenotyper(exported).predict(example)
     signature = ModelSignature(
         inputs=inputs, outputs=infer_signature(example, output).outputs,
-        params=ParamSchema([ParamSpec("explain", "string", "predicted")]))
+        params=ParamSchema([ParamSpec("explain", "string", "predicted"),
+                            ParamSpec("rejected_values", "string", SKIP_ROW)]))
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT, python_model=str(PYFUNC_ENTRY),
         artifacts={ARTIFACT: str(exported)},

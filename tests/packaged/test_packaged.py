@@ -132,6 +132,33 @@ def test_output_contract_keeps_every_row_in_order_and_flags_bad_rows(cohorts, tm
     assert out.loc[0, "top_drivers"].count("(") == 3
 
 
+@pytest.mark.parametrize("kind", ["logistic", "xgboost"])
+def test_rejected_values_as_missing_score_the_row_without_them(cohorts, tmp_path, kind):
+    train, test = cohorts
+    packaged = _packaged(_fit(kind, train), tmp_path)
+    rows = test.head(4).copy()
+    rows[["crp_mg_l", "sex"]] = rows[["crp_mg_l", "sex"]].astype(object)
+    rows.loc[1, "crp_mg_l"] = 1410.0  # implausible
+    rows.loc[2, ["crp_mg_l", "sex"]] = ["haemolysed", "x"]  # two values set aside
+    without = rows.copy()
+    without.loc[[1, 2], "crp_mg_l"] = np.nan
+    without.loc[2, "sex"] = np.nan
+    out = packaged.predict(rows, explain="all", rejected_values="missing")
+    expected = packaged.predict(without, explain="all")
+    assert out.loc[1, "status"].startswith("scored without crp_mg_l=1410 is outside")
+    assert out.loc[2, "status"] == ("scored without crp_mg_l is not a number ('haemolysed'); "
+                                    "sex 'x' is not F or M")
+    assert out.loc[[0, 3], "status"].eq(OK).all()
+    numbers = [c for c in out.columns if c.startswith(("prob_", "shap_"))]
+    pd.testing.assert_frame_equal(out[numbers], expected[numbers])
+    assert out["phenotype"].tolist() == expected["phenotype"].tolist()
+    skipped = packaged.predict(rows)
+    assert skipped.loc[[1, 2], "phenotype"].isna().all()
+    assert skipped.loc[1, "status"] == out.loc[1, "status"].removeprefix("scored without ")
+    with pytest.raises(ValueError, match="rejected_values must be one of"):
+        packaged.predict(rows, rejected_values="impute")
+
+
 def test_explain_modes(cohorts, tmp_path) -> None:
     train, test = cohorts
     packaged = _packaged(_fit("logistic", train), tmp_path)

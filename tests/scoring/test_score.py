@@ -86,6 +86,30 @@ def test_every_row_comes_out_in_order_with_its_status_and_reasons(store, messy, 
                                           "unknown_category": 1}
 
 
+def test_rejected_values_as_missing_score_every_row_and_name_what_was_set_aside(
+        store, messy, tmp_path):
+    cohort, mapping = messy
+    output, report = tmp_path / "scored.parquet", tmp_path / "report.html"
+    manifest = _score(store, cohort, output, mapping_path=mapping, rejected_values="missing",
+                      report_path=report)
+    out = pd.read_parquet(output).set_index("row")
+    assert out["phenotype"].notna().all()
+    status = out["status"]
+    assert status[1] == status[3] == status[6] == "ok"
+    assert status[2].startswith("scored without ferritin_ng_ml '-50': negative value")
+    assert status[4].startswith("scored without crp_mg_l 'haemolysed': not a number")
+    assert status[5].startswith("scored without sex 'x': not a recognised sex code")
+    # each row scores as if the value had not been measured
+    read = read_cohort(cohort, mapping).data
+    reference = registry.load_packaged(MODEL).predict(read)
+    assert out["prob_MALS"].to_numpy() == pytest.approx(reference["prob_MALS"].to_numpy())
+    assert out.loc[2, "rule_phenotype"] == "indeterminate"  # the rule never uses it either
+    assert manifest["rejected_values"] == "missing"
+    assert manifest["rows_by_status"] == {"ok": 3, "value_set_aside": 3}
+    assert manifest["unscored_examples"] == []
+    assert "scored with a rejected value set aside" in report.read_text(encoding="utf-8")
+
+
 def test_scores_equal_the_model_on_the_whole_file_whatever_the_block_size(store, tmp_path):
     cohort = tmp_path / "cohort.parquet"
     simulate("provide", 2500, seed=11).to_parquet(cohort, row_group_size=400)
@@ -233,6 +257,8 @@ def test_ctrl_c_leaves_nothing_at_the_destination_and_says_so(store, tmp_path):
     (["--input", "cohort.csv", "--output", "cohort.csv"], "is the input file"),
     (["--input", "cohort.csv", "--output", "out.csv", "--engine", "dask"], "--engine must be"),
     (["--input", "cohort.csv", "--output", "out.csv", "--explain", "some"], "--explain must"),
+    (["--input", "cohort.csv", "--output", "out.csv", "--rejected-values", "impute"],
+     "--rejected-values must be one of skip-row, missing"),
     (["--input", "cohort.csv", "--output", "out.csv", "--report", "r.pdf"], "name it .html"),
     (["--input", "cohort.csv", "--output", "out.csv", "--model", "models:/nothing@champion"],
      "Cannot load model models:/nothing@champion"),

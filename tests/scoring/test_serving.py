@@ -84,6 +84,21 @@ def test_an_implausible_row_is_flagged_and_the_others_scored(server: str) -> Non
     assert rows[0]["status"] == rows[2]["status"] == "ok"
 
 
+def test_a_rejected_value_can_be_scored_as_missing(server: str) -> None:
+    """rejected_values=missing: the row is scored as if the value were not measured, and
+    its status says which value was set aside."""
+    patients = _patients(3)
+    patients[1]["crp_mg_l"] = 1410.0
+    skipped, set_aside = score(server, patients), score(server, patients, rejected_values="missing")
+    assert skipped[1]["status"].startswith("crp_mg_l=1410 is outside")
+    assert set_aside[1]["status"] == "scored without " + skipped[1]["status"]
+    without = dict(patients[1], crp_mg_l=None)
+    [expected] = score(server, [without])
+    assert set_aside[1]["phenotype"] == expected["phenotype"]
+    assert set_aside[1]["prob_MALS"] == pytest.approx(expected["prob_MALS"], abs=1e-12)
+    assert [r["status"] for r in (set_aside[0], set_aside[2])] == ["ok", "ok"]
+
+
 def test_explain_all_and_none(server: str) -> None:
     [every] = score(server, _patients(1), explain="all")
     assert "shap_MALS_ferritin_ng_ml" in every and "shap_base_unclassified" in every
