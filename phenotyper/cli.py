@@ -388,8 +388,20 @@ def _model_line(info: dict) -> str:
             f"({info['uri']})")
 
 
+def _drifted(drift: dict | None, shown: int = 3) -> list[tuple[str, list[dict]]]:
+    """(scope, the markers beyond a drift threshold, most moved first) overall and per site."""
+    if not drift:
+        return []
+    scopes = [("all rows", drift["overall"]), *((f"site {site}", markers)
+                                              for site, markers in drift["by_site"].items())]
+    return [(scope, moved[:shown]) for scope, markers in scopes
+            if (moved := [m for m in markers if m["beyond_threshold"] and m["psi"] is not None])]
+
+
 def _print_scoring(manifest: dict, report_path: Path | None) -> None:
     console = Console()
+    for warning in manifest["warnings"]:
+        Console(stderr=True).print(Text(warning, style="bold red"))
     console.print(Text(_model_line(manifest["model"])))
     table = Table(title=f"Scored {manifest['rows_out']:,} rows at "
                         f"{manifest['rows_per_s']:,.0f} rows/s", title_justify="left")
@@ -401,6 +413,10 @@ def _print_scoring(manifest: dict, report_path: Path | None) -> None:
     phenotypes = ", ".join(f"{name} {rows:,}" for name, rows in
                            manifest["phenotype_counts"].items())
     console.print(Text(f"Phenotypes: {phenotypes}"))
+    for scope, markers in _drifted(manifest.get("drift")):
+        console.print(Text(f"Drift from the training cohort ({scope}): " + ", ".join(
+            f"{m['marker']} PSI {m['psi']:.2f}, KS {m['ks_at_deciles']:.2f}" for m in markers),
+            style="yellow"))
     console.print(Text(f"Wrote {manifest['output']} and its manifest."))
     if report_path is not None:
         console.print(Text(f"Report: {report_path}"))

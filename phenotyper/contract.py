@@ -29,6 +29,10 @@ DEFAULT_MODEL_URI = "models:/immunophenotyper@champion"
 # Said wherever numbers come from a synthetic cohort (reports, figures, the console).
 SYNTHETIC_BANNER = ("SYNTHETIC DATA: these numbers check the software; they are not clinical "
                     "evidence.")
+# Said when a model trained on synthetic patients scores an input not marked synthetic.
+SYNTHETIC_MODEL_BANNER = ("NOT FOR REAL PATIENTS: this model was trained on synthetic data; its "
+                          "phenotypes for these patients are not clinical advice. Train on "
+                          "your own labelled or outcome cohort first.")
 
 # A scored row's status: `OK`, or why the row was not scored (the reader's or the model's own
 # reason; `MODEL_REJECTED` counts the values the model's range checks refused).

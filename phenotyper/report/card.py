@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import phenotyper
 from phenotyper import markdown
-from phenotyper.contract import SYNTHETIC_BANNER
+from phenotyper.contract import SYNTHETIC_BANNER, SYNTHETIC_MODEL_BANNER
 from phenotyper.evaluate.benchmark import MISSING, RULE_DETERMINATE, Numbers
 from phenotyper.report.benchmark import DETERMINATE_METRICS, HEADLINE, format_estimate
 from phenotyper.report.outcomes import policy_table
@@ -61,7 +61,8 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
     reference = spec.label or labels.get("reference")
     metric = ("soft-label log loss against the latent posterior" if result.latent is not None
               else spec.selection_metric)
-    lines = [f"**{SYNTHETIC_BANNER}**", ""] if synthetic else []
+    lines = [f"**{SYNTHETIC_MODEL_BANNER}**", "", f"**{SYNTHETIC_BANNER}**", ""
+             ] if synthetic else []
     lines += [
         f"# Model card: {spec.registered_model}, version {version}",
         "",

@@ -73,7 +73,7 @@ def score_report_html(summary: ScoreSummary, manifest: dict[str, Any]) -> str:
     suffix = SYNTHETIC_TITLE if synthetic else ""
     return _environment().get_template(TEMPLATE).render(
         title=f"Phenotyper scoring report: {Path(str(manifest['input'])).name}",
-        banner=SYNTHETIC_BANNER if synthetic else None,
+        banners=[*manifest.get("warnings", []), *([SYNTHETIC_BANNER] if synthetic else [])],
         run=_run_facts(manifest),
         cards=_cards(summary),
         called=f"{_called_by_both(summary):,}",

@@ -15,7 +15,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from phenotyper.cohort import Cohort, open_cohort
+from phenotyper.contract import SYNTHETIC_MODEL_BANNER
+from phenotyper.drift import DriftTally
 from phenotyper.files import atomic_path, file_sha256
+from phenotyper.panel import SITE_ID
 from phenotyper.scoring.checks import output_schema, row_checks
 from phenotyper.scoring.local import local_blocks, read_ahead, writer
 from phenotyper.scoring.request import ScoreRequest, Timer, check_request
@@ -50,6 +53,8 @@ def _score(request: ScoreRequest, client: MlflowClient,
         digest = file_sha256(request.input_path)
     schema = output_schema(model, request.explain)
     summary = ScoreSummary(classes=list(model.classes), features=list(model.features))
+    profile = model.spec.get("profile") or {}
+    drift = DriftTally(profile) if profile else None
     rows_in = 0
 
     def checked_blocks() -> Iterator[tuple[Cohort, pd.DataFrame]]:
@@ -61,6 +66,9 @@ def _score(request: ScoreRequest, client: MlflowClient,
                 if block is None:
                     return
                 checks = row_checks(block, model.features, request.rejected_values)
+            with timer.stage("drift"):
+                if drift is not None:
+                    drift.add(block.data, block.data[SITE_ID])
             rows_in += len(block.data)
             yield block, checks
 
@@ -85,6 +93,7 @@ def _score(request: ScoreRequest, client: MlflowClient,
         if summary.rows != rows_in:  # never publish an output that lost or invented rows
             raise RuntimeError(f"scoring wrote {summary.rows} rows for {rows_in} input rows")
         total = time.perf_counter() - started
+        synthetic_input = "synthetic" in opened.header  # the simulator's marker column
         manifest = {
             "output": str(request.output_path),
             "input": str(request.input_path),
@@ -101,7 +110,12 @@ def _score(request: ScoreRequest, client: MlflowClient,
             "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()},
                           "total": round(total, 3)},
             "rows_per_s": round(summary.rows / total, 1) if total else None,
-            "synthetic_input": "synthetic" in opened.header,  # the simulator's marker column
+            "synthetic_input": synthetic_input,
+            "training_cohort": {key: profile.get(key) for key in (
+                "patients", "cohort_sha256", "synthetic")} if profile else None,
+            "warnings": [SYNTHETIC_MODEL_BANNER] if profile.get("synthetic") and not
+            synthetic_input else [],
+            "drift": None if drift is None else drift.report(summary.phenotype_shares()),
         }
         if request.report_path is not None:
             # the report (matplotlib, Jinja2) loads only when one is asked for

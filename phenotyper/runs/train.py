@@ -4,12 +4,17 @@ and the only place a training sets MLflow's store (`tracking.registry.using_stor
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import pandas as pd
 
+from phenotyper.drift import training_profile
+from phenotyper.files import file_sha256
 from phenotyper.packaged import PackagedPhenotyper
 from phenotyper.packaged.format import ARTIFACT
 from phenotyper.plots import SAVE_KWARGS
@@ -17,6 +22,7 @@ from phenotyper.plots.latent import profile_figure
 from phenotyper.plots.shap import cohort_figures, waterfall_figure
 from phenotyper.report.benchmark import write_benchmark
 from phenotyper.report.card import model_card
+from phenotyper.simulate import is_synthetic
 from phenotyper.tracking.log import (
     experiment_run,
     log_packaged_model,
@@ -86,7 +92,8 @@ def _log_reports_and_model(result: TrainingResult) -> str:
     selected = result.candidates[result.selected].estimator
     with tempfile.TemporaryDirectory() as folder:
         exported = Path(folder) / ARTIFACT
-        export(selected, exported, None if result.latent is None else result.latent.mixture)
+        export(selected, exported, None if result.latent is None else result.latent.mixture,
+               _profile(result, selected))
         packaged = PackagedPhenotyper(exported)
         figures = {**cohort_figures(packaged, result.test),
                    "waterfall_first_test_patient.png":
@@ -98,3 +105,14 @@ def _log_reports_and_model(result: TrainingResult) -> str:
                               "latent/class_profiles.png", save_kwargs=SAVE_KWARGS)
         return log_packaged_model(exported, result.test, result.features,
                                   result.spec.registered_model)
+
+
+def _profile(result: TrainingResult, selected: Any) -> dict[str, Any]:
+    """The training patients' profile for the package: the cohort file's SHA-256 (a simulated
+    cohort has no file: the hash of its rows), and whether it is synthetic."""
+    spec = result.spec
+    digest = (file_sha256(spec.cohort_path) if spec.cohort_path is not None else
+              hashlib.sha256(pd.util.hash_pandas_object(result.train, index=False)
+                             .to_numpy().tobytes()).hexdigest())
+    return training_profile(result.train, result.features, selected.predict(result.train),
+                            digest, spec.preset is not None or is_synthetic(result.train))

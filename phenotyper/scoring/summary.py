@@ -88,6 +88,12 @@ class ScoreSummary:
                     *(rows[name].to_pylist() for name in rows.column_names), strict=True)]
         self.issue_rows += len(out) - (pc.sum(pc.equal(out[ISSUES], "")).as_py() or 0)
 
+    def phenotype_shares(self) -> dict[str, float]:
+        """Each phenotype's share of the rows the model scored."""
+        scored = sum(self.phenotypes.get(name, 0) for name in self.classes)
+        return {name: self.phenotypes.get(name, 0) / scored if scored else 0.0
+                for name in self.classes}
+
     def mean_abs_shap(self) -> dict[str, float]:
         """Mean |contribution| to the predicted class's logit per feature, largest first."""
         if self.shap_abs_sum is None or not self.explained:

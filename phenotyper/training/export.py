@@ -16,10 +16,12 @@ from phenotyper.packaged.format import BOOSTER_FILE, FORMAT_VERSION, SPEC_FILE
 from phenotyper.panel import LINEAR_SCALE_MARKERS, PANEL
 
 
-def export(model: Any, folder: Path, latent: Mixture | None = None) -> Path:
+def export(model: Any, folder: Path, latent: Mixture | None = None,
+           profile: dict[str, Any] | None = None) -> Path:
     """Write a fitted candidate as plain data into `folder`; returns the spec file.
     `latent`: the mixture a label-free candidate was distilled from, carried as a new key
-    (the package-format rule: old keys unchanged) so scoring adds its posterior."""
+    (the package-format rule: old keys unchanged) so scoring adds its posterior.
+    `profile`: the training cohort's profile (drift.training_profile), a new key too."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     calibration = None
@@ -61,6 +63,8 @@ def export(model: Any, folder: Path, latent: Mixture | None = None) -> Path:
         spec["intercept"] = classifier.intercept_.tolist()
     if latent is not None:
         spec["latent"] = latent.as_dict()
+    if profile is not None:
+        spec["profile"] = profile
     path = folder / SPEC_FILE
     path.write_text(json.dumps(spec, indent=1))
     return path

@@ -339,3 +339,83 @@ def test_tree_model_explanations_are_xgboosts_numbers_from_the_compiled_tables(s
     np.testing.assert_allclose(scored[shap_columns], reference[shap_columns], rtol=0,
                                atol=1e-5 * max(1.0, scale))
     assert (scored["phenotype"] == reference["phenotype"]).all()
+
+
+def test_the_package_profiles_its_training_cohort_without_any_single_patients_value(store):
+    profile = registry.load_packaged(MODEL).spec["profile"]
+    assert profile["synthetic"] is True and len(profile["cohort_sha256"]) == 64
+    assert sum(profile["phenotype_shares"].values()) == pytest.approx(1.0)
+    cohort = simulate("provide", 2000, seed=6)  # the `store` fixture's training cohort
+    ferritin = profile["markers"]["ferritin_ng_ml"]
+    assert profile["patients"] == ferritin["patients"] < len(cohort)  # the training split only
+    edges = np.array(ferritin["decile_edges"])
+    assert len(edges) == 9 and (np.diff(edges) > 0).all()
+    assert cohort["ferritin_ng_ml"].min() < edges[0] and edges[-1] < cohort["ferritin_ng_ml"].max()
+    assert ferritin["bin_shares"] == pytest.approx([0.1] * 10, abs=0.002)
+    assert set(ferritin) == {"patients", "measured", "missing_share", "decile_edges",
+                             "bin_shares"}  # no minimum, maximum or extreme quantile
+    for name, marker in profile["markers"].items():  # the split's missingness is the cohort's
+        assert marker["missing_share"] == pytest.approx(cohort[name].isna().mean(), abs=0.03)
+    assert max(m["missing_share"] for m in profile["markers"].values()) > 0.05
+
+
+def test_a_synthetic_model_scoring_real_looking_patients_says_so_everywhere(store, tmp_path):
+    real = tmp_path / "hospital.csv"
+    simulate("provide", 50, seed=4).drop(columns=["synthetic"]).to_csv(real, index=False)
+    report = tmp_path / "report.html"
+    result = runner.invoke(app, ["score", "--model", MODEL, "--input", str(real), "--output",
+                                 str(tmp_path / "out.parquet"), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "NOT FOR REAL PATIENTS" in result.output
+    manifest = json.loads((tmp_path / "out.parquet.manifest.json").read_text())
+    assert manifest["training_cohort"]["synthetic"] is True
+    assert manifest["warnings"] and manifest["warnings"][0].startswith("NOT FOR REAL PATIENTS")
+    assert "NOT FOR REAL PATIENTS" in report.read_text(encoding="utf-8")
+    simulated = tmp_path / "simulated.csv"
+    simulate("provide", 50, seed=4).to_csv(simulated, index=False)
+    result = runner.invoke(app, ["score", "--model", MODEL, "--input", str(simulated),
+                                 "--output", str(tmp_path / "sim.parquet")])
+    assert result.exit_code == 0 and "NOT FOR REAL PATIENTS" not in result.output
+    card = MlflowClient().get_model_version("batchmodel", "1").description
+    assert card.startswith("**NOT FOR REAL PATIENTS")
+
+
+def test_drift_ranks_the_markers_a_shifted_site_moved_first(store, tmp_path):
+    """One site's CRP and ferritin read 4 and 3 times higher (a recalibrated analyser, far
+    beyond the simulator's per-site assay spread): that site's drift table puts them first,
+    beyond the PSI threshold; the other sites' CRP stays within it."""
+    from phenotyper.drift import PSI_THRESHOLD
+
+    cohort = simulate("provide", 3000, seed=12).drop(columns=["synthetic"])
+    shifted = cohort["site_id"].value_counts().index[0]
+    at = cohort["site_id"] == shifted
+    cohort.loc[at, "crp_mg_l"] = (cohort.loc[at, "crp_mg_l"] * 4).clip(upper=1000)
+    cohort.loc[at, "ferritin_ng_ml"] *= 3
+    path = tmp_path / "sites.parquet"
+    cohort.to_parquet(path)
+    result = runner.invoke(app, ["score", "--model", MODEL, "--input", str(path), "--output",
+                                 str(tmp_path / "out.parquet"), "--explain", "none"])
+    assert result.exit_code == 0, result.output
+    drift = json.loads((tmp_path / "out.parquet.manifest.json").read_text())["drift"]
+    site = drift["by_site"][shifted]
+    assert {m["marker"] for m in site[:2]} == {"crp_mg_l", "ferritin_ng_ml"}
+    assert all(m["psi"] > PSI_THRESHOLD and "psi" in m["beyond_threshold"] for m in site[:2])
+    for name, markers in drift["by_site"].items():
+        crp = next(m for m in markers if m["marker"] == "crp_mg_l")
+        assert (crp["psi"] > PSI_THRESHOLD) == (name == shifted), (name, crp)
+    assert f"Drift from the training cohort (site {shifted}): " in result.output
+    shares = drift["phenotype_shares"]
+    assert sum(s["input"] for s in shares.values()) == pytest.approx(1.0)
+
+
+def test_an_input_like_the_training_cohort_shows_no_drift(store, tmp_path):
+    cohort = tmp_path / "same.parquet"
+    simulate("provide", 4000, seed=13).to_parquet(cohort)
+    drift = _score(store, cohort, tmp_path / "out.parquet", explain="none")["drift"]
+    assert drift["by_site"]
+    for row in drift["overall"]:
+        assert row["psi"] < 0.05 and row["ks_at_deciles"] < 0.05, row
+        assert row["outside_share"] == pytest.approx(row["outside_share_training"], abs=0.04)
+        # the training split holds out whole sites, whose IL-6 and IL-10 are measured less
+        # often: missingness moves by up to 0.09, inside the 0.1 threshold
+        assert abs(row["missing_shift"]) < 0.1 and not row["beyond_threshold"]

@@ -211,7 +211,7 @@ def test_train_command_runs_an_experiment_file_and_benchmark_judges_the_champion
     result = runner.invoke(app, ["model-card", "pheno", "--output", str(tmp_path / "card.md")])
     assert result.exit_code == 0, result.output
     card = (tmp_path / "card.md").read_text()
-    assert card.startswith("**SYNTHETIC DATA")  # a synthetic cohort's card says so first
+    assert card.startswith("**NOT FOR REAL PATIENTS")  # a synthetic cohort's card says so first
     assert "\n# Model card: pheno, version 1\n" in card
 
 

@@ -1,0 +1,140 @@
+"""The training cohort's profile, carried in the packaged model so a new site's input can be
+compared with what the model learned from.
+
+Only aggregates of at least a tenth of the measured patients are kept: the inner decile edges,
+counts, missingness and phenotype shares. No minimum, maximum or extreme quantile, since those
+are single patients' values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from phenotyper.contract import PHENOTYPES
+from phenotyper.panel import PANEL
+
+DECILES = np.linspace(0.1, 0.9, 9)
+
+
+def training_profile(frame: pd.DataFrame, features: Sequence[str], predicted: Sequence[str],
+                     cohort_sha256: str, synthetic: bool) -> dict[str, Any]:
+    """Per numeric feature: patients, measured count, missing share, the inner decile edges
+    and the share of measured training values in each bin they bound; the model's phenotype
+    shares on the training patients; where the cohort came from."""
+    markers = {}
+    for name in features:
+        if name not in PANEL or not PANEL[name].is_numeric or name not in frame:
+            continue
+        values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=float)
+        measured = values[np.isfinite(values)]
+        entry: dict[str, Any] = {"patients": len(values), "measured": len(measured),
+                                 "missing_share": 1 - len(measured) / max(len(values), 1)}
+        if len(measured) >= 10:  # a decile of fewer than one patient would be a patient
+            edges = np.unique(np.quantile(measured, DECILES))
+            bins = np.bincount(np.searchsorted(edges, measured, side="right"),
+                               minlength=len(edges) + 1)
+            entry["decile_edges"] = edges.tolist()
+            entry["bin_shares"] = (bins / len(measured)).tolist()
+        markers[name] = entry
+    predicted = pd.Series(list(predicted), dtype=object)
+    return {"patients": len(frame), "cohort_sha256": cohort_sha256, "synthetic": synthetic,
+            "phenotype_shares": {p: float((predicted == p).mean()) if len(predicted) else 0.0
+                                 for p in PHENOTYPES},
+            "markers": markers}
+
+
+# Thresholds a shift is judged by. At a million rows every difference is "significant", so no
+# p-values: PSI above 0.25 is the conventional "major shift" (0.1-0.25 "moderate"); the KS
+# distance is read at the training decile edges (a lower bound of the full KS distance).
+PSI_THRESHOLD = 0.25
+KS_THRESHOLD = 0.1
+MISSING_SHIFT_THRESHOLD = 0.1  # absolute change in the share of patients without the marker
+_FLOOR = 1e-4  # an empty bin's share in PSI (the log of zero is not a shift size)
+
+
+class DriftTally:
+    """Counts of an input's values in the training profile's bins, per site, block by block
+    (flat memory whatever the input's size)."""
+
+    def __init__(self, profile: dict[str, Any]) -> None:
+        self.profile = profile
+        self.markers = {name: np.array(m["decile_edges"]) for name, m in
+                        profile.get("markers", {}).items() if "decile_edges" in m}
+        self.counts: dict[str, dict[str, np.ndarray]] = {}  # site -> marker -> bins + missing
+
+    def add(self, data: pd.DataFrame, sites: pd.Series | None = None) -> None:
+        """Tally one block of panel columns; `sites` labels each row (None: one site)."""
+        codes, names = (np.zeros(len(data), dtype=int), ["(no site)"]) if sites is None else (
+            pd.factorize(sites.fillna("(no site)").astype(str)))
+        for name, edges in self.markers.items():
+            width = len(edges) + 2  # the bins, then "missing"
+            if name in data:
+                values = pd.to_numeric(data[name], errors="coerce").to_numpy(dtype=float)
+                where = np.where(np.isfinite(values),
+                                 np.searchsorted(edges, values, side="right"), width - 1)
+            else:
+                where = np.full(len(data), width - 1)
+            table = np.bincount(codes * width + where, minlength=len(names) * width
+                                ).reshape(len(names), width)
+            for site, counts in zip(names, table, strict=True):
+                held = self.counts.setdefault(str(site), {})
+                held[name] = held.get(name, 0) + counts
+
+    def report(self, predicted_shares: dict[str, float] | None = None) -> dict[str, Any]:
+        """Per marker, overall and per site, the markers that moved most first: PSI on the
+        training deciles, KS distance at their edges, missingness shift, share outside the
+        training deciles' range; and the predicted phenotype shares against training."""
+        overall: dict[str, np.ndarray] = {}
+        for held in self.counts.values():
+            for name, counts in held.items():
+                overall[name] = overall.get(name, 0) + counts
+        out: dict[str, Any] = {
+            "thresholds": {"psi": PSI_THRESHOLD, "ks_at_deciles": KS_THRESHOLD,
+                           "missing_shift": MISSING_SHIFT_THRESHOLD},
+            "overall": self._markers(overall),
+            "by_site": {site: self._markers(held) for site, held in sorted(self.counts.items())}
+            if len(self.counts) > 1 else {},
+        }
+        if predicted_shares is not None:
+            out["phenotype_shares"] = {
+                p: {"training": share, "input": predicted_shares.get(p, 0.0)}
+                for p, share in self.profile.get("phenotype_shares", {}).items()}
+        return out
+
+    def _markers(self, held: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        rows = [compare(self.profile["markers"][name], counts) for name, counts in held.items()]
+        for row, name in zip(rows, held, strict=True):
+            row["marker"] = name
+        return sorted(rows, key=lambda row: -(row["psi"] if row["psi"] is not None else -1))
+
+
+def compare(trained: dict[str, Any], counts: np.ndarray) -> dict[str, Any]:
+    """One marker's shift: `counts` are the input's patients per training bin, then missing."""
+    measured = counts[:-1].sum()
+    rows = counts.sum()
+    expected = np.array(trained["bin_shares"])
+    missing_share = float(counts[-1] / rows) if rows else None
+    result: dict[str, Any] = {
+        "patients": int(rows), "psi": None, "ks_at_deciles": None, "outside_share": None,
+        "outside_share_training": float(expected[0] + expected[-1]),
+        "missing_share": missing_share, "missing_share_training": trained["missing_share"],
+        "missing_shift": None if missing_share is None else
+        missing_share - trained["missing_share"]}
+    if measured:
+        actual = counts[:-1] / measured
+        a, e = np.maximum(actual, _FLOOR), np.maximum(expected, _FLOOR)
+        result.update(
+            psi=float(((a - e) * np.log(a / e)).sum()),
+            ks_at_deciles=float(np.abs(np.cumsum(actual)[:-1] - np.cumsum(expected)[:-1]).max()),
+            outside_share=float(actual[0] + actual[-1]))
+    result["beyond_threshold"] = [name for name, value, limit in (
+        ("psi", result["psi"], PSI_THRESHOLD),
+        ("ks_at_deciles", result["ks_at_deciles"], KS_THRESHOLD),
+        ("missing_shift", None if result["missing_shift"] is None
+         else abs(result["missing_shift"]), MISSING_SHIFT_THRESHOLD))
+        if value is not None and value > limit]
+    return result
