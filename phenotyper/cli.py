@@ -256,6 +256,62 @@ def promote(
     Console().print(Text(f"{name}@champion -> version {version} (was {previous or 'unset'})."))
 
 
+@app.command()
+def recalibrate(
+    cohort: Annotated[Path, typer.Option(
+        help="Local labelled cohort: CSV, TSV, TXT or Parquet.")],
+    label: Annotated[str, typer.Option(help="Column with each patient's phenotype.")],
+    model: Annotated[str, typer.Option(
+        help="Registered model: models:/NAME@ALIAS or models:/NAME/VERSION.")] =
+        DEFAULT_MODEL_URI,
+    mapping: Annotated[Path | None, typer.Option(
+        help="TOML mapping of the cohort's columns, units and labels.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the cross-fitting folds.")] = 0,
+) -> None:
+    """Test a registered model's calibration on local labelled patients; if it is off, register
+    a recalibrated version (tagged with its parent), champion only if it beats the parent on
+    held-out local patients."""
+    from mlflow.exceptions import MlflowException
+
+    from phenotyper.cohort import CohortError
+    from phenotyper.runs.recalibrate import recalibrate_model
+    from phenotyper.tracking.registry import store_uri
+    from phenotyper.training.recalibration import RecalibrationError
+
+    try:
+        outcome = recalibrate_model(model, cohort, label, mapping, seed, store_uri())
+    except (CohortError, RecalibrationError) as error:
+        exit_with_error(str(error))
+    except MlflowException as error:
+        exit_with_error(f"Cannot load model {model}: {error.message}")
+    console = Console()
+    result, parent = outcome.result, outcome.parent
+    console.print(Text(_model_line(parent)))
+    counts = ", ".join(f"{p} {n:,}" for p, n in result.counts.items())
+    console.print(Text(f"Local patients: {counts}"
+                       + (f" ({outcome.n_unscored:,} labelled rows the model could not score "
+                          "left out)" if outcome.n_unscored else "") + "."))
+    if outcome.warning:
+        Console(stderr=True).print(Text(f"Warning: {outcome.warning}.", style="bold yellow"))
+    console.print(Text(f"Calibration: {result.before.describe()}."))
+    if not result.refit:
+        console.print(Text(f"Version {parent['version']} is kept as it is; nothing registered.",
+                           style="bold"))
+        return
+    held = result.held_out
+    table = Table(title=f"Held out ({held['folds']}-fold cross-fitting on the local patients)")
+    for column in ("", f"version {parent['version']}", "recalibrated"):
+        table.add_column(column, justify="right")
+    table.add_row("log loss", f"{held['log_loss_before']:.4f}", f"{held['log_loss_after']:.4f}")
+    table.add_row("calibration likelihood ratio", f"{held['statistic_before']:.1f}",
+                  f"{held['statistic_after']:.1f}")
+    console.print(table)
+    verdict = "promoted to champion" if outcome.decision.promote else "not promoted"
+    console.print(Text(f"Registered {parent['name']} version {outcome.version} (parent "
+                       f"{parent['version']}, alias challenger): {verdict}: "
+                       f"{outcome.decision.reason}.", style="bold"))
+
+
 @app.command("model-card")
 def model_card(
     name: Annotated[str, typer.Argument(help="Registered model name.")],

@@ -31,6 +31,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
+from phenotyper.calibration import fit_matrix_scaling
 from phenotyper.contract import PHENOTYPES
 from phenotyper.latent import Mixture, fit_mixture, log_joint, point_intervals, posterior
 from phenotyper.panel import LINEAR_SCALE_MARKERS, NUMERIC_MARKERS, PANEL, sex_code, to_log_scale
@@ -168,8 +169,8 @@ class GaussianClassifier(ClassifierMixin, BaseEstimator):
 
 
 class LogitRecalibrated(ClassifierMixin, BaseEstimator):
-    """A candidate whose softmax logits are re-mapped by a multinomial logistic regression fitted
-    on out-of-fold logits (matrix scaling).
+    """A candidate whose softmax logits are re-mapped by matrix scaling fitted on out-of-fold
+    probabilities (`calibration.fit_matrix_scaling`: a ridge fit centred on no change).
 
     Unlike temperature scaling it can fix per-class slopes and intercepts (a heavily shrunk
     model needs both), and it stays linear in the base model's logits, so its explanations
@@ -185,18 +186,20 @@ class LogitRecalibrated(ClassifierMixin, BaseEstimator):
         from sklearn.model_selection import cross_val_predict
 
         y = np.asarray(y)
-        logits = cross_val_predict(clone(self.base), X, y, cv=self.cv,
-                                   method="decision_function")
-        self.calibrator_ = LogisticRegression(C=1e6, max_iter=5000).fit(logits, y)
+        proba = cross_val_predict(clone(self.base), X, y, cv=self.cv, method="predict_proba")
         self.base_ = clone(self.base).fit(X, y)
-        self.classes_ = self.calibrator_.classes_
+        self.classes_ = self.base_.classes_
+        codes = pd.Categorical(y, categories=self.classes_).codes
+        self.map_ = fit_matrix_scaling(codes, proba)
+        self.calibration_matrix_, self.calibration_intercept_ = self.map_.on_logits()
         return self
 
     def decision_function(self, X: pd.DataFrame) -> np.ndarray:
-        return self.calibrator_.decision_function(self.base_.decision_function(X))
+        return (self.base_.decision_function(X) @ self.calibration_matrix_.T
+                + self.calibration_intercept_)
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return self.calibrator_.predict_proba(self.base_.decision_function(X))
+        return softmax(self.decision_function(X), axis=1)
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]

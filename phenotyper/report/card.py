@@ -7,13 +7,17 @@ from typing import TYPE_CHECKING
 
 import phenotyper
 from phenotyper import markdown
+from phenotyper.calibration import SHRINKAGE_PATIENTS
 from phenotyper.contract import SYNTHETIC_BANNER, SYNTHETIC_MODEL_BANNER
 from phenotyper.evaluate.benchmark import MISSING, RULE_DETERMINATE, Numbers
 from phenotyper.report.benchmark import DETERMINATE_METRICS, HEADLINE, format_estimate
 from phenotyper.report.outcomes import policy_table
 
 if TYPE_CHECKING:
-    from phenotyper.training.results import GateDecision, TrainingResult
+    from pathlib import Path
+
+    from phenotyper.training.recalibration import LocalRecalibration
+    from phenotyper.training.results import CandidateResult, GateDecision, TrainingResult
 
 from phenotyper.contract import PHENOTYPES
 
@@ -136,8 +140,7 @@ def model_card(result: TrainingResult, version: str, decision: GateDecision) -> 
         f"{candidate.cv_score:.4f}); parameters {candidate.best_params}. Out-of-fold "
         "calibration (intercept, slope) per phenotype: "
         + ", ".join(f"{p} ({i:+.2f}, {s:.2f})" for p, (i, s) in candidate.calibration.items())
-        + ("; outside tolerance, so its logits were recalibrated on the same folds."
-           if candidate.recalibrated else "; within tolerance, used as is."),
+        + "; " + _calibration_verdict(candidate),
     ]
     if two_marker:
         lines += ["", f"Two-marker reference (`{two_marker}`): the same learner and settings "
@@ -287,3 +290,55 @@ def latent_section(result: TrainingResult) -> list[str]:
                                           latent.distillation.items()) + ".")
     lines += [f"- Warning: {warning}." for warning in latent.warnings]
     return [*lines, ""]
+
+
+def _calibration_verdict(candidate: CandidateResult) -> str:
+    """What the joint out-of-fold calibration test (`calibration.calibration_test`) said and
+    what training did about it."""
+    test = candidate.calibration_test
+    said = ("" if test is None else
+            f"the joint test (matrix scaling against no change) gave a likelihood ratio of "
+            f"{test['statistic']:.1f} on {test['df']} df, p = {test['p_value']:.3g}")
+    if candidate.recalibrated:
+        return (f"{said}, below {test['alpha']:g}, so its logits were recalibrated on the "
+                "same folds.")
+    return f"{said}: no evidence of miscalibration, used as is." if said else "used as is."
+
+
+def recalibration_section(parent_card: str, parent_version: str, result: LocalRecalibration,
+                          cohort: Path, warning: str | None) -> str:
+    """The parent version's card with what local recalibration did put first: the test, the
+    held-out numbers before and after, the map and its shrinkage."""
+    held = result.held_out
+    counts = ", ".join(f"{p} {n:,}" for p, n in result.counts.items())
+    lines = [
+        f"## Local recalibration of version {parent_version}",
+        "",
+        f"Recalibrated on `{cohort.name}` ({counts} labelled patients). Joint calibration test "
+        f"of version {parent_version} there: {result.before.describe()}. The logit map was "
+        f"refitted (matrix scaling, shrunk toward no change by a prior worth "
+        f"{SHRINKAGE_PATIENTS:g} patients) and judged by {held['folds']}-fold cross-fitting "
+        "on the local patients:",
+        "",
+        "| held out | before | after |",
+        "|---|---|---|",
+        f"| log loss | {held['log_loss_before']:.4f} | {held['log_loss_after']:.4f} |",
+        f"| calibration likelihood ratio (6 df) | {held['statistic_before']:.1f} | "
+        f"{held['statistic_after']:.1f} |",
+        "",
+        "Only the map from the model's logits to probabilities changed: phenotype calls can "
+        "move where classes are close, the ranking of patients within a phenotype does not. "
+        "The rest of this card describes the parent version's training.",
+    ]
+    if warning:
+        lines += ["", f"**Warning:** {warning}."]
+    banner, rest = _split_banner(parent_card)
+    return "\n".join([*banner, *lines, "", rest])
+
+
+def _split_banner(card: str) -> tuple[list[str], str]:
+    """A card's leading synthetic-model banner (kept on top) and the rest."""
+    if card.startswith(f"**{SYNTHETIC_MODEL_BANNER}**"):
+        first, _, rest = card.partition("\n\n")
+        return [first, ""], rest
+    return [], card

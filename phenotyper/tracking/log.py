@@ -116,6 +116,10 @@ def log_training(result: TrainingResult) -> None:
             for phenotype, (intercept, slope) in candidate.calibration.items():
                 mlflow.log_metric(f"cv_calibration_intercept_{phenotype}", intercept)
                 mlflow.log_metric(f"cv_calibration_slope_{phenotype}", slope)
+            if candidate.calibration_test is not None:
+                mlflow.log_metrics({
+                    "cv_calibration_lr_statistic": candidate.calibration_test["statistic"],
+                    "cv_calibration_p_value": candidate.calibration_test["p_value"]})
             mlflow.set_tags({"candidate": kind, "recalibrated": str(candidate.recalibrated),
                              "selected": str(kind == result.selected)})
             mlflow.log_metrics(_test_metrics(records, kind))

@@ -78,13 +78,18 @@ def model_card_text(client: MlflowClient, name: str, alias: str = CHAMPION_ALIAS
     return client.get_model_version_by_alias(name, alias).description or ""
 
 
+def packaged_folder(uri: str, tracking_uri: str | None = None) -> Path:
+    """A local copy of the packaged phenotyper's folder inside a registered pyfunc model."""
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    return local / "artifacts" / ARTIFACT
+
+
 def load_packaged(uri: str, threads: int = 1, tracking_uri: str | None = None
                   ) -> PackagedPhenotyper:
     """The packaged phenotyper inside a registered pyfunc model (plots, explanations, batch
     scoring in this process), from `tracking_uri`'s store (MLflow's own when not given)."""
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri))
-    return PackagedPhenotyper(local / "artifacts" / ARTIFACT, threads=threads)
+    return PackagedPhenotyper(packaged_folder(uri, tracking_uri), threads=threads)
 
 
 def describe_model(client: MlflowClient, uri: str) -> dict[str, str | None]:

@@ -26,8 +26,8 @@ def export(model: Any, folder: Path, latent: Mixture | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     calibration = None
     if isinstance(model, LogitRecalibrated):
-        calibration = {"coef": model.calibrator_.coef_.tolist(),
-                       "intercept": model.calibrator_.intercept_.tolist()}
+        calibration = {"coef": model.calibration_matrix_.tolist(),
+                       "intercept": model.calibration_intercept_.tolist()}
         model = model.base_
     features_step, classifier = model[0], model[-1]
     features = list(features_step.features)

@@ -18,6 +18,7 @@ from sklearn.model_selection import (
     cross_val_predict,
 )
 
+from phenotyper.calibration import calibration_test
 from phenotyper.cohort import censored_cells, read_cohort
 from phenotyper.contract import PHENOTYPES
 from phenotyper.evaluate.benchmark import benchmark
@@ -39,7 +40,6 @@ from phenotyper.simulate import is_synthetic, simulate
 from phenotyper.suggest import did_you_mean
 from phenotyper.training.results import CandidateResult, TrainingResult
 from phenotyper.training.spec import (
-    CALIBRATION_TOLERANCE,
     CHAMPION,
     REFERENCE_RULE,
     SELECTION_METRICS,
@@ -171,13 +171,13 @@ def tune(spec: ExperimentSpec, kind: str, train: pd.DataFrame, y: np.ndarray,
     base = build_candidate(kind, features, best_params)
     out_of_fold = cross_val_predict(base, train, y, cv=folds, method="predict_proba")
     codes = pd.Categorical(y, categories=PHENOTYPES).codes
-    calibration = calibration_by_phenotype(codes, out_of_fold)
-    off = any(abs(intercept) > CALIBRATION_TOLERANCE or abs(slope - 1) > CALIBRATION_TOLERANCE
-              for intercept, slope in calibration.values())
-    estimator = LogitRecalibrated(clone(base), cv=folds) if off else base
+    # one joint test of the out-of-fold probabilities decides, not six separate tolerances
+    joint = calibration_test(codes, out_of_fold)
+    estimator = LogitRecalibrated(clone(base), cv=folds) if joint.miscalibrated else base
     estimator.fit(train, y)
     return CandidateResult(kind, estimator, best_params, float(table.loc[best, "cv_mean"]),
-                           table, calibration, off)
+                           table, calibration_by_phenotype(codes, out_of_fold),
+                           joint.miscalibrated, joint.as_dict())
 
 
 def _plain(value: Any) -> Any:

@@ -24,6 +24,7 @@ class CandidateResult:
     cv_table: pd.DataFrame  # one row per configuration tried
     calibration: dict[str, tuple[float, float]]  # phenotype -> out-of-fold (intercept, slope)
     recalibrated: bool
+    calibration_test: dict[str, Any] | None = None  # calibration.CalibrationTest.as_dict()
 
 
 @dataclass(frozen=True)

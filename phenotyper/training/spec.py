@@ -33,9 +33,6 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "logistic": {"C": [0.1, 1.0]},
     "xgboost": {"max_depth": [3], "n_estimators": [300], "learning_rate": [0.05]},
 }
-# Out-of-fold calibration within this of intercept 0 / slope 1 for every phenotype is kept as is;
-# beyond it the candidate's logits are recalibrated (models.LogitRecalibrated) on the same folds.
-CALIBRATION_TOLERANCE = 0.15
 
 _TOP_KEYS = {"name", "description", "registered_model", "label", "cohort", "features", "split",
              "candidates", "selection", "benchmark", "outcome", "supervision"}

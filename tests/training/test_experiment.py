@@ -231,6 +231,7 @@ def test_a_miscalibrated_candidate_is_recalibrated() -> None:
     result = fit_and_evaluate(spec)
     candidate = result.candidates["logistic"]
     assert candidate.recalibrated
+    assert candidate.calibration_test["p_value"] < candidate.calibration_test["alpha"]
     assert max(abs(slope - 1) for _, slope in candidate.calibration.values()) > 0.15
     records = result.benchmark.records
     own = records[(records.phenotyper == "logistic") & ~records.metric.str.contains("minus")]
@@ -242,6 +243,19 @@ def test_a_miscalibrated_candidate_is_recalibrated() -> None:
     assert (abs(intercepts) < 0.3).all()
     proba = candidate.estimator.predict_proba(result.test)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+
+
+def test_a_calibrated_candidate_is_left_alone() -> None:
+    """A model whose out-of-fold probabilities pass the joint calibration test (p 0.30 on
+    this seed; the six degrees of freedom of matrix scaling) is used as is."""
+    spec = ExperimentSpec(name="calibrated", registered_model="m", label="phenotype_true",
+                          preset="provide", n=4000, cohort_seed=5,
+                          candidates={"logistic": {"C": [1.0]}}, bootstrap=20,
+                          noise_repeats=0)
+    candidate = fit_and_evaluate(spec).candidates["logistic"]
+    assert not candidate.recalibrated
+    assert candidate.calibration_test["p_value"] >= candidate.calibration_test["alpha"]
+    assert candidate.calibration_test["df"] == 6
 
 
 # --- the label vocabulary -----------------------------------------------------------------
