@@ -390,6 +390,10 @@ def score(
         help="A value that is not a number or is implausible: skip-row leaves its row "
              "unscored (for clinical use); missing scores the row without that value, the "
              "status naming what was set aside (for retrospective studies).")] = SKIP_ROW,
+    per_patient: Annotated[str, typer.Option(
+        help="With several samples per patient: all counts every row; first or last counts "
+             "each patient's first or last sample (by sample_time). Every row is scored "
+             "either way.")] = "all",
 ) -> None:
     """Score a cohort file: one output row per input row, in input order, each with a status."""
     from mlflow.exceptions import MlflowException
@@ -402,7 +406,8 @@ def score(
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours suffices
     request = ScoreRequest(model, input_path, output, mapping, explain, engine, report_path,
-                           block_rows, rejected_values=rejected_values)
+                           block_rows, rejected_values=rejected_values,
+                           per_patient=per_patient)
     console = Console(stderr=True)
     progress = Progress(SpinnerColumn(), TextColumn("Scoring {task.description}"),
                         TextColumn("{task.completed:,} rows"), _RowsPerSecond(),
@@ -469,6 +474,20 @@ def _print_scoring(manifest: dict, report_path: Path | None) -> None:
     phenotypes = ", ".join(f"{name} {rows:,}" for name, rows in
                            manifest["phenotype_counts"].items())
     console.print(Text(f"Phenotypes: {phenotypes}"))
+    repeated = manifest.get("repeated_samples")
+    if repeated and repeated["per_patient"] != "all":
+        counts = ", ".join(f"{name} {n:,}" for name, n in repeated["phenotype_counts"].items())
+        console.print(Text(f"Per patient ({repeated['per_patient']} sample, "
+                           f"{repeated['patients']:,} patients): {counts}"))
+    if repeated and repeated["pairs"]:
+        kept = {who: repeated[who]["kept_share"] for who in ("model", "rule")}
+        console.print(Text(
+            f"Stability between consecutive samples ({repeated['pairs']:,} pairs, "
+            f"{repeated['patients_with_repeats']:,} patients): model kept its phenotype in "
+            + (f"{kept['model']:.1%}" if kept["model"] is not None else "no pair")
+            + ", the rule in " + (f"{kept['rule']:.1%}" if kept["rule"] is not None else
+                                  "no pair")
+            + f" (published for the rule in PROVIDE: {repeated['published_rule_kept_share']:.1%})"))
     for scope, markers in _drifted(manifest.get("drift")):
         console.print(Text(f"Drift from the training cohort ({scope}): " + ", ".join(
             f"{m['marker']} PSI {m['psi']:.2f}, KS {m['ks_at_deciles']:.2f}" for m in markers),

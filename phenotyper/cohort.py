@@ -35,13 +35,14 @@ A mapping file (TOML) names the file's columns and units when they are not canon
     [options]
     decimal = ","                             # "." or ","; default: decide per column
 
-The trial and outcome columns (`TRIAL_COLUMNS`: treatment, treatment_probability,
-sofa_response, death_28d) are not panel markers: the reader renames the file's column to the
-canonical name and passes it through unparsed (it is not in `CANONICAL_COLUMNS` or the quality
-report's column table), except that `treatment` codes in `values` become arms
-(`contract.ARMS`); a treatment cell that is neither such a code nor an arm's name is an
-`unknown_category` issue and is kept as it is. An outcome's `values` recode the file's codes
-(compared stripped, in any case) to 0 or 1; other cells pass through for the outcome reader.
+The sample, trial and outcome columns (`TRIAL_COLUMNS`: sample_time, encounter_id,
+treatment, treatment_probability, sofa_response, death_28d) are not panel markers: the reader
+renames the file's column to the canonical name and passes it through unparsed (it is not in
+`CANONICAL_COLUMNS` or the quality report's column table), except that `treatment` codes in
+`values` become arms (`contract.ARMS`); a treatment cell that is neither such a code nor an
+arm's name is an `unknown_category` issue and is kept as it is. An outcome's `values` recode
+the file's codes (compared stripped, in any case) to 0 or 1; other cells pass through for the
+outcome reader.
 
 `[labels]` maps label texts (compared stripped: exactly first, then in any case) to a
 phenotype, `intermediate` (= unclassified) or `indeterminate` (no label); the reader does not
@@ -86,9 +87,11 @@ from phenotyper.files import atomic_path
 from phenotyper.labels import RECODE_TARGETS, recode_target
 from phenotyper.panel import (
     CANONICAL_COLUMNS,
+    ENCOUNTER_ID,
     NUMERIC_MARKERS,
     PANEL,
     PATIENT_ID,
+    SAMPLE_TIME,
     SEX_ALIASES,
     SEX_VALUES,
     Marker,
@@ -97,9 +100,10 @@ from phenotyper.panel import (
 from phenotyper.suggest import did_you_mean
 
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
-# Trial and outcome columns a mapping may name: renamed to these names, passed through unparsed
-# (treatment codes recoded to arms); not panel columns.
-TRIAL_COLUMNS: tuple[str, ...] = (TREATMENT, TREATMENT_PROBABILITY, SOFA_RESPONSE, DEATH_28D)
+# Sample, trial and outcome columns a mapping may name: renamed to these names, passed through
+# unparsed (treatment codes recoded to arms); not panel columns.
+TRIAL_COLUMNS: tuple[str, ...] = (SAMPLE_TIME, ENCOUNTER_ID, TREATMENT, TREATMENT_PROBABILITY,
+                                  SOFA_RESPONSE, DEATH_28D)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ISSUE_COLUMNS = ("row", "column", "source_column", "value", "kind", "detail")
 
@@ -394,7 +398,7 @@ def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> 
         elif canonical == "sex":
             values, parts = _read_sex(raw, source)
         else:
-            values, parts = _read_id(raw, canonical, state)
+            values, parts = _read_id(raw, canonical, state, _sample_times(frame, opened))
         data[canonical] = values
         issue_parts.extend(
             part.assign(column=canonical, source_column=source.column,
@@ -811,8 +815,8 @@ def _column_source(path: Path, key: str, entry: object) -> ColumnSource:
         near = (difflib.get_close_matches(key, known, n=1) or [_suggest(key)])[0]
         hint = f" Did you mean {near}?" if near else ""
         raise CohortError(f"Mapping file {path}: [columns] has unknown column {key!r}.{hint} "
-                          f"Canonical columns are: {', '.join(CANONICAL_COLUMNS)}; trial and "
-                          f"outcome columns: {', '.join(TRIAL_COLUMNS)}.")
+                          f"Canonical columns are: {', '.join(CANONICAL_COLUMNS)}; sample, "
+                          f"trial and outcome columns: {', '.join(TRIAL_COLUMNS)}.")
     where = f"[columns] {key}"
     if isinstance(entry, str):
         entry = {"column": entry}
@@ -1330,16 +1334,26 @@ def _read_treatment(raw: pd.Series, source: ColumnSource) -> tuple[pd.Series, li
     return out, [_issues(unknown, raw, UNKNOWN_CATEGORY, detail)]
 
 
-def _read_id(raw: pd.Series, canonical: str, state: _StreamState
-             ) -> tuple[pd.Series, list[pd.DataFrame]]:
+def _sample_times(frame: pd.DataFrame, opened: CohortFile) -> pd.Series | None:
+    """The block's sample_time cells (the mapped column, or one of that name), if any."""
+    source = opened.trial_sources.get(SAMPLE_TIME)
+    column = source.column if source is not None else SAMPLE_TIME
+    return frame.get(column)
+
+
+def _read_id(raw: pd.Series, canonical: str, state: _StreamState,
+             sample_time: pd.Series | None = None) -> tuple[pd.Series, list[pd.DataFrame]]:
     """An identifier as text; for patient_id, missing and repeated ids are issues (repeats
-    of an id in an earlier block too, which `state` remembers)."""
+    of an id in an earlier block too, which `state` remembers). With a `sample_time` column a
+    repeat is the same patient sampled at the same time: other samples are no issue."""
     text = _text(raw)
     ids = text.where(~_is_missing(text)).astype("str")
     if canonical != PATIENT_ID:
         return ids, []
     missing = np.flatnonzero(ids.isna().to_numpy())
-    codes, uniques = pd.factorize(ids)  # -1 for missing ids; codes in order of appearance
+    keys = ids if sample_time is None else ids.where(
+        ids.isna(), ids + "\x1f" + _text(sample_time).fillna("").astype("str"))
+    codes, uniques = pd.factorize(keys)  # -1 for missing ids; codes in order of appearance
     positions = np.arange(len(ids)) + state.offset
     first = np.full(len(ids), -1)
     if len(uniques):
@@ -1352,7 +1366,9 @@ def _read_id(raw: pd.Series, canonical: str, state: _StreamState
         _issues(missing, raw, MISSING_ID,
                 pd.Series("patient_id is missing", index=range(len(missing)))),
         _issues(duplicate, raw, DUPLICATE_ID,
-                "same patient_id as row " + pd.Series(first[duplicate] + 1).astype("str")),
+                ("same patient_id as row " if sample_time is None else
+                 "same patient_id and sample_time as row ")
+                + pd.Series(first[duplicate] + 1).astype("str")),
     ]
 
 

@@ -16,6 +16,9 @@ from phenotyper.contract import (
 
 # The markers the rule reads: ferritin decides MALS, HLA-DR immunoparalysis.
 RULE_MARKERS = ("ferritin_ng_ml", "hla_dr_mab_per_cell")
+# Share of PROVIDE patients whose rule phenotype on day 2 was the day-1 one (ImmunoSep, JAMA
+# 2025, citing PROVIDE): what a phenotype's stability between consecutive samples is set against.
+PUBLISHED_RULE_STABILITY = 0.883
 
 
 def immunosep_phenotype(

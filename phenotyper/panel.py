@@ -14,6 +14,10 @@ import numpy as np
 
 PATIENT_ID = "patient_id"
 SITE_ID = "site_id"
+# Optional: when a patient was sampled (a timestamp or a day number) and in which encounter.
+# A patient may have several samples; patient_id and sample_time together name one.
+SAMPLE_TIME = "sample_time"
+ENCOUNTER_ID = "encounter_id"
 SEX_VALUES = ("F", "M")
 SEX_CODE: dict[str, float] = {"F": 0.0, "M": 1.0}  # sex on the models' scale
 

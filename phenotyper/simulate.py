@@ -45,6 +45,7 @@ from phenotyper.panel import (
     LINEAR_SCALE_MARKERS,
     PANEL,
     PATIENT_ID,
+    SAMPLE_TIME,
     SEX_VALUES,
     SITE_ID,
     SOFA_REFERENCE,
@@ -63,7 +64,7 @@ TRUTH_COLUMN = TRUE_PHENOTYPE
 RULE_COLUMN = "phenotype_rule"
 DEATH_COLUMN = DEATH_28D
 SYNTHETIC_COLUMN = "synthetic"  # True on every simulated row: results on it are not evidence
-SECTIONS = ("targets", "population", "measurement", "outcome", "trial", "response")
+SECTIONS = ("targets", "population", "measurement", "outcome", "trial", "response", "repeat")
 # Trial designs a preset's [trial] may declare (see `_run_trial`).
 RULE_POSITIVE, ALL_COMERS, OBSERVATIONAL = "rule-positive", "all-comers", "observational"
 TRIAL_DESIGNS = (RULE_POSITIVE, ALL_COMERS, OBSERVATIONAL)
@@ -266,22 +267,71 @@ def _draw(preset: Preset, phenotype_code: np.ndarray, rng: np.random.Generator) 
     return _Draw(frame, phenotype_code, log_odds_rest)
 
 
-def simulate(preset: str | Preset, n: int, seed: int) -> pd.DataFrame:
+def simulate(preset: str | Preset, n: int, seed: int, samples: int = 1) -> pd.DataFrame:
     """A synthetic cohort of `n` patients; the same (preset, n, seed) always gives the same rows.
 
     A preset with a `[trial]` also assigns treatment and draws the outcomes under it (see
-    `_run_trial`); `n` then counts the patients screened, randomised or not.
+    `_run_trial`); `n` then counts the patients screened, randomised or not. `samples` = 2
+    adds each patient's day-2 sample (`second_sample`), rows ordered by patient then
+    `sample_time` (day 1, day 2); the first samples are the same rows as with `samples` = 1.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if samples not in (1, 2):
+        raise ValueError(f"samples must be 1 or 2, got {samples}")
     law = load_preset(preset) if isinstance(preset, str) else preset
     rng = np.random.default_rng(seed)
     prevalence = _per_phenotype(law["population"]["prevalence"])
     phenotype_code = rng.choice(len(PHENOTYPES), size=n, p=prevalence / prevalence.sum())
     draw = _draw(law, phenotype_code, rng)
-    if "design" not in law["trial"]:
-        return draw.frame
-    return _run_trial(law, draw, rng)
+    frame = draw.frame if "design" not in law["trial"] else _run_trial(law, draw, rng)
+    if samples == 1:
+        return frame
+    day2 = second_sample(law, frame, np.random.default_rng([seed, 2]))
+    both = pd.concat([frame.assign(**{SAMPLE_TIME: 1}), day2.assign(**{SAMPLE_TIME: 2})])
+    order = np.argsort(np.r_[np.arange(n), np.arange(n)], kind="stable")
+    return both.iloc[order].reset_index(drop=True)
+
+
+def second_sample(law: Preset, first: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """Each patient's next-day sample: the latent phenotype changes for a share of patients
+    (`[repeat] transition_share`, to another phenotype drawn by prevalence), every lab marker
+    moves by the change of its phenotype median, day-to-day biological variation and a fresh
+    assay error, SOFA by the change of its phenotype mean and its own day-to-day spread. The
+    patient, site, missingness pattern, age, sex, treatment and outcome stay those of day 1.
+    All three are assumptions, labelled in the preset."""
+    repeat = law["repeat"]
+    if not repeat:
+        raise PresetError(f"Preset '{law.name}' has no [repeat] table: a second sample needs "
+                          "transition_share, day_to_day_cv and sofa_day_to_day_sd")
+    old = pd.Categorical(first[TRUTH_COLUMN], categories=PHENOTYPES).codes.astype(np.int64)
+    n, k = len(old), len(PHENOTYPES)
+    weights = np.tile(_per_phenotype(law["population"]["prevalence"]), (n, 1))
+    weights[np.arange(n), old] = 0.0
+    other = (rng.random(n)[:, None] > (weights / weights.sum(axis=1, keepdims=True)
+                                       ).cumsum(axis=1)).sum(axis=1).clip(max=k - 1)
+    new = np.where(rng.random(n) < repeat["transition_share"], other, old)
+    day2 = first.copy()
+    for column in LAB_MARKERS:
+        marker, marker_law = PANEL[column], law[column]
+        if not marker.is_numeric or column == "age_years":
+            continue
+        value = first[column].to_numpy(dtype=float)
+        if column in LINEAR_SCALE_MARKERS:
+            mean = _per_phenotype(marker_law["mean"])
+            moved = value + mean[new] - mean[old] + repeat["sofa_day_to_day_sd"] * \
+                rng.standard_normal(n)
+        else:
+            log_median = np.log(_per_phenotype(marker_law["median"]))
+            spread = np.hypot(_cv_to_log_sd(repeat["day_to_day_cv"]),
+                              _cv_to_log_sd(marker_law["assay_cv"]))
+            moved = np.exp(np.log(np.maximum(value, 1e-3)) + log_median[new] - log_median[old]
+                           + spread * rng.standard_normal(n))
+        day2[column] = np.round(np.clip(moved, marker.low, marker.high), marker.decimals)
+    day2[TRUTH_COLUMN] = np.asarray(PHENOTYPES, dtype=object)[new]
+    day2[RULE_COLUMN] = immunosep_phenotype(day2["ferritin_ng_ml"].to_numpy(),
+                                            day2["hla_dr_mab_per_cell"].to_numpy())
+    return day2
 
 
 # --- trials: treatment and outcomes ---------------------------------------------------------

@@ -18,10 +18,11 @@ from phenotyper.cohort import Cohort, open_cohort
 from phenotyper.contract import SYNTHETIC_MODEL_BANNER
 from phenotyper.drift import DriftTally
 from phenotyper.files import atomic_path, file_sha256
-from phenotyper.panel import SITE_ID
+from phenotyper.panel import PATIENT_ID, SAMPLE_TIME, SITE_ID
 from phenotyper.scoring.checks import output_schema, row_checks
 from phenotyper.scoring.local import local_blocks, read_ahead, writer
 from phenotyper.scoring.request import ScoreRequest, Timer, check_request
+from phenotyper.scoring.stability import StabilityTally
 from phenotyper.scoring.summary import ScoreSummary
 from phenotyper.tracking.registry import describe_model, load_packaged, store_uri, using_store
 
@@ -55,6 +56,9 @@ def _score(request: ScoreRequest, client: MlflowClient,
     summary = ScoreSummary(classes=list(model.classes), features=list(model.features))
     profile = model.spec.get("profile") or {}
     drift = DriftTally(profile) if profile else None
+    # repeated samples: their stability needs a sample time; per-patient counts need ids only
+    repeated = SAMPLE_TIME in opened.header or SAMPLE_TIME in opened.trial_columns
+    stability = StabilityTally() if repeated or request.per_patient != "all" else None
     rows_in = 0
 
     def checked_blocks() -> Iterator[tuple[Cohort, pd.DataFrame]]:
@@ -69,6 +73,8 @@ def _score(request: ScoreRequest, client: MlflowClient,
             with timer.stage("drift"):
                 if drift is not None:
                     drift.add(block.data, block.data[SITE_ID])
+                if stability is not None:
+                    stability.add_samples(block.data[PATIENT_ID], block.data.get(SAMPLE_TIME))
             rows_in += len(block.data)
             yield block, checks
 
@@ -88,6 +94,10 @@ def _score(request: ScoreRequest, client: MlflowClient,
                     write(block.table)
                 with timer.stage("summarise"):
                     summary.add(block.table, block.status_kind)
+                    if stability is not None:
+                        stability.add_calls(block.table["phenotype"].to_numpy(
+                            zero_copy_only=False), block.table["rule_phenotype"].to_numpy(
+                            zero_copy_only=False))
                 if on_rows is not None:
                     on_rows(len(block.table))
         if summary.rows != rows_in:  # never publish an output that lost or invented rows
@@ -116,6 +126,9 @@ def _score(request: ScoreRequest, client: MlflowClient,
             "warnings": [SYNTHETIC_MODEL_BANNER] if profile.get("synthetic") and not
             synthetic_input else [],
             "drift": None if drift is None else drift.report(summary.phenotype_shares()),
+            "per_patient": request.per_patient,
+            "repeated_samples": None if stability is None else stability.report(
+                request.per_patient),
         }
         if request.report_path is not None:
             # the report (matplotlib, Jinja2) loads only when one is asked for

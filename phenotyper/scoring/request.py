@@ -12,6 +12,7 @@ from pathlib import Path
 
 from phenotyper.cohort import BLOCK_ROWS, PARQUET_SUFFIXES
 from phenotyper.contract import EXPLAIN_MODES, REJECTED_VALUES_MODES, SKIP_ROW
+from phenotyper.scoring.stability import PER_PATIENT_MODES
 
 ENGINES = ("local", "spark")
 
@@ -37,6 +38,7 @@ class ScoreRequest:
     block_rows: int = BLOCK_ROWS
     csv_reader: str = "arrow"  # cohort.CSV_READERS (open_cohort)
     rejected_values: str = SKIP_ROW  # contract.REJECTED_VALUES_MODES
+    per_patient: str = "all"  # stability.PER_PATIENT_MODES: what the summary counts
 
     @property
     def manifest_path(self) -> Path:
@@ -69,6 +71,9 @@ def check_request(request: ScoreRequest) -> None:
     if request.rejected_values not in REJECTED_VALUES_MODES:
         raise ScoringError(f"--rejected-values must be one of "
                            f"{', '.join(REJECTED_VALUES_MODES)}, not {request.rejected_values!r}.")
+    if request.per_patient not in PER_PATIENT_MODES:
+        raise ScoringError(f"--per-patient must be one of {', '.join(PER_PATIENT_MODES)}, not "
+                           f"{request.per_patient!r}.")
     suffix = request.output_path.suffix.lower()
     if suffix not in (*PARQUET_SUFFIXES, ".csv"):
         raise ScoringError(f"Cannot write {request.output_path}: name the output .parquet or "

@@ -1009,7 +1009,8 @@ def test_a_trial_column_with_its_canonical_name_needs_no_mapping(tmp_path):
     ('[columns]\ntreatment = { column = "Armm" }\n',
      r"treatment reads column 'Armm', which is not in .*cohort\.csv.*Did you mean 'Arm'"),
     ('[columns]\ntreatmnt = "Arm"\n', r"unknown column 'treatmnt'.*Did you mean treatment\?"
-                                      r".*trial and outcome columns: treatment, "),
+                                      r".*sample, trial and outcome columns: sample_time, "
+                                      r"encounter_id, treatment, "),
     ('[columns]\ndeath_28d = { column = "Died28", unit = "1" }\n', r"unknown key 'unit'"),
     ('[columns]\nsofa_response = { column = "Died28", values = { "1" = "0" } }\n',
      r"sofa_response values must map codes to 1 \(the outcome happened\) or 0; fix \{'1': '0'\}"),
