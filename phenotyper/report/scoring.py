@@ -38,6 +38,7 @@ from phenotyper.scoring.summary import ScoreSummary
 
 MAX_SITES = 30  # sites listed in the report, the largest first
 DISAGREEMENTS = 3  # largest model-vs-rule disagreements put into words
+DRIFTED_MARKERS = 3  # markers beyond a drift threshold listed per site, the most moved first
 UNSCORED_REASONS = {
     UNPARSEABLE: "a value the model uses is not a number",
     NEGATIVE: "a value the model uses is negative",
@@ -82,6 +83,8 @@ def score_report_html(summary: ScoreSummary, manifest: dict[str, Any]) -> str:
         probabilities=_probabilities(summary, suffix),
         explanations=_explanations(summary, manifest, suffix),
         sites=_sites(summary),
+        drift=_drift(manifest.get("drift")),
+        repeated=_repeated(manifest.get("repeated_samples")),
         unscored=_unscored(summary),
         version=phenotyper.__version__,
     )
@@ -211,6 +214,61 @@ def _sites(summary: ScoreSummary) -> dict[str, Any]:
             "left_out": ({"sites": f"{len(left_out):,}",
                           "rows": f"{sum(sum(counts.values()) for _, counts in left_out):,}"}
                          if left_out else None)}
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _drift(drift: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The input against the model's training profile: every marker overall, the markers
+    beyond a threshold per site (the sites that moved most first), phenotype shares."""
+    if not drift:
+        return None
+
+    def marker_row(row: dict[str, Any], *scope: str) -> list[str]:
+        return [*scope, str(row["marker"]), _number(row["psi"]), _number(row["ks_at_deciles"]),
+                f"{_share(row['outside_share'])} ({_share(row['outside_share_training'])})",
+                f"{_share(row['missing_share'])} ({_share(row['missing_share_training'])})",
+                "yes" if row["beyond_threshold"] else ""]
+
+    header = ["marker", "PSI", "KS at deciles", "outside the training deciles (training)",
+              "missing (training)", "beyond a threshold"]
+    moved = sorted(((site, [m for m in markers if m["beyond_threshold"]])
+                    for site, markers in drift["by_site"].items()),
+                   key=lambda item: -max((m["psi"] or 0 for m in item[1]), default=0))
+    moved = [(site, markers) for site, markers in moved if markers]
+    return {
+        "thresholds": {key: f"{value:g}" for key, value in drift["thresholds"].items()},
+        "header": header, "overall": [marker_row(row) for row in drift["overall"]],
+        "site_header": ["site", *header],
+        "sites": [marker_row(row, str(site)) for site, markers in moved[:MAX_SITES]
+                  for row in markers[:DRIFTED_MARKERS]],
+        "sites_moved": f"{len(moved):,}", "sites_total": f"{len(drift['by_site']):,}",
+        "shares": [[name, _share(shares["training"]), _share(shares["input"])]
+                   for name, shares in drift.get("phenotype_shares", {}).items()],
+    }
+
+
+def _repeated(repeated: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Stability of the phenotype between a patient's consecutive samples, model and rule."""
+    if not repeated:
+        return None
+    return {
+        "pairs": f"{repeated['pairs']:,}",
+        "patients": f"{repeated['patients_with_repeats']:,}",
+        "rows": [[who, f"{repeated[key]['pairs']:,}", _share(repeated[key]["kept_share"])]
+                 for who, key in ((MODEL_NAME, "model"), ("ImmunoSep rule", "rule"))],
+        "published": _share(repeated["published_rule_kept_share"]),
+        "per_patient": repeated["per_patient"],
+        "counts": ", ".join(f"{name} {count:,}" for name, count in
+                            repeated.get("phenotype_counts", {}).items()),
+        "counted_patients": f"{repeated.get('patients', 0):,}",
+    }
 
 
 def _unscored(summary: ScoreSummary) -> dict[str, Any]:
