@@ -13,34 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from phenotyper.runs.train import train
 from phenotyper.serving import free_port, post, running_server, running_service, score
 from phenotyper.simulate import simulate
 from phenotyper.tracking import registry
-from phenotyper.training.spec import ExperimentSpec
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"logistic": {"C": [1.0]}}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    """Train a small champion into ./mlflow.db, then `phenotyper serve` it; stop afterwards."""
-    folder = tmp_path_factory.mktemp("serving")
-    here = Path.cwd()
-    os.chdir(folder)
-    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        train(ExperimentSpec(name="serve", registered_model="immunophenotyper",
-                             label="phenotype_true", preset="provide", n=2000, cohort_seed=6,
-                             candidates=SMALL, bootstrap=30, noise_repeats=0))
-        with running_server(cwd=folder) as url:
-            yield url
-    finally:
-        os.chdir(here)
-        if saved is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def _patients(n: int) -> list[dict]:
