@@ -14,7 +14,13 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
 
-from phenotyper.contract import BLOCK_ROWS, DEFAULT_MODEL_URI, SKIP_ROW, SYNTHETIC_BANNER
+from phenotyper.contract import (
+    BLOCK_ROWS,
+    DEFAULT_MODEL_URI,
+    SKIP_ROW,
+    SYNTHETIC_BANNER,
+    SYNTHETIC_MODEL_BANNER,
+)
 from phenotyper.presets import available_presets
 
 if TYPE_CHECKING:
@@ -348,14 +354,17 @@ def serve(
 
     from mlflow.exceptions import MlflowException
 
-    from phenotyper.tracking.registry import describe_model, store_uri, using_store
+    from phenotyper.tracking.registry import describe_model, package_spec, store_uri, using_store
 
     uri = store_uri()
     try:
         with using_store(uri) as client:
             info = describe_model(client, model)
+            profile = package_spec(info["resolved_uri"], uri).get("profile") or {}
     except MlflowException as error:
         exit_with_error(f"Cannot load model {model}: {error.message}")
+    if profile.get("synthetic"):  # a server cannot tell which requests are real patients
+        Console(stderr=True).print(Text(SYNTHETIC_MODEL_BANNER, style="bold red"))
     # MLflow starts its server by name (uvicorn): this environment's tools must come first
     tools = str(Path(sys.executable).parent)
     mlflow_cli = shutil.which("mlflow", path=tools) or "mlflow"
@@ -364,6 +373,8 @@ def serve(
     Console().print(Text(f"{_model_line(info)}\nServing {model} from {uri} on "
                          f"http://{host}:{port}/invocations"))
     path = os.pathsep.join([tools, os.environ.get("PATH", "")])
+    sys.stdout.flush()  # exec replaces the process: what is still buffered would be lost
+    sys.stderr.flush()
     os.execvpe(command[0], command, {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
 
 
@@ -495,6 +506,72 @@ def _print_scoring(manifest: dict, report_path: Path | None) -> None:
     console.print(Text(f"Wrote {manifest['output']} and its manifest."))
     if report_path is not None:
         console.print(Text(f"Report: {report_path}"))
+
+
+@app.command()
+def drift(
+    earlier: Annotated[Path, typer.Argument(
+        help="Manifest of the earlier run (OUTPUT.manifest.json of phenotyper score).")],
+    later: Annotated[Path, typer.Argument(help="Manifest of the later run.")],
+    output: Annotated[Path | None, typer.Option(
+        help="Also write the comparison as JSON here.")] = None,
+) -> None:
+    """Compare two scoring runs' inputs (this month against last): per marker, overall and per
+    site, PSI, KS and missingness shift, the markers that moved most first."""
+    import json
+
+    from phenotyper.drift import DriftError, between_runs
+    from phenotyper.files import atomic_path
+
+    runs = []
+    for path in (earlier, later):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            exit_with_error(f"Cannot read {path} as a scoring manifest ({error}); give the "
+                            ".manifest.json that phenotyper score wrote beside its output.")
+        if not isinstance(manifest, dict) or not manifest.get("drift"):
+            exit_with_error(f"{path} holds no drift: score the input again with a model that "
+                            "carries a training profile (trained by this phenotyper).")
+        if "profile_sha256" not in manifest["drift"]:
+            exit_with_error(f"{path} was written by an older phenotyper without bin counts; "
+                            "score that input again.")
+        runs.append(manifest)
+    try:
+        compared = between_runs(runs[0]["drift"], runs[1]["drift"])
+    except DriftError as error:
+        exit_with_error(f"Cannot compare {earlier} with {later}: {error}.")
+    console = Console()
+    console.print(Text(f"{later.name} against {earlier.name} (thresholds: " + ", ".join(
+        f"{name} {value:g}" for name, value in compared["thresholds"].items()) + ")"))
+    table = Table(title="All rows, most moved first", title_justify="left")
+    for column in ("marker", "PSI", "KS at deciles", "missing (earlier)", "beyond"):
+        table.add_column(column, justify="left" if column == "marker" else "right")
+    def shown(value: float | None, form: str) -> str:
+        return "n/a" if value is None else format(value, form)
+
+    for row in compared["overall"]:
+        table.add_row(row["marker"], shown(row["psi"], ".3f"),
+                      shown(row["ks_at_deciles"], ".3f"),
+                      f"{shown(row['missing_share'], '.1%')} "
+                      f"({shown(row['missing_share_training'], '.1%')})",
+                      ", ".join(row["beyond_threshold"]))
+    console.print(table)
+    for scope, markers in _drifted({**compared, "overall": []}):
+        console.print(Text(f"Moved ({scope}): " + ", ".join(
+            f"{m['marker']} PSI {m['psi']:.2f}, KS {m['ks_at_deciles']:.2f}" for m in markers),
+            style="yellow"))
+    for key, words in (("sites_only_earlier", "only in the earlier run"),
+                       ("sites_only_later", "only in the later run")):
+        if compared[key]:
+            console.print(Text(f"Sites {words}: {', '.join(compared[key])}"))
+    if output is not None:
+        try:
+            with atomic_path(output) as temporary:
+                temporary.write_text(json.dumps(compared, indent=1), encoding="utf-8")
+        except OSError as error:
+            exit_with_error(f"Cannot write {output}: {error.strerror}.")
+        console.print(Text(f"Wrote {output}."))
 
 
 @app.command("explain")

@@ -8,6 +8,8 @@ are single patients' values.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +95,7 @@ class DriftTally:
             for name, counts in held.items():
                 overall[name] = overall.get(name, 0) + counts
         out: dict[str, Any] = {
+            "profile_sha256": profile_digest(self.profile),
             "thresholds": {"psi": PSI_THRESHOLD, "ks_at_deciles": KS_THRESHOLD,
                            "missing_shift": MISSING_SHIFT_THRESHOLD},
             "overall": self._markers(overall),
@@ -119,7 +122,8 @@ def compare(trained: dict[str, Any], counts: np.ndarray) -> dict[str, Any]:
     expected = np.array(trained["bin_shares"])
     missing_share = float(counts[-1] / rows) if rows else None
     result: dict[str, Any] = {
-        "patients": int(rows), "psi": None, "ks_at_deciles": None, "outside_share": None,
+        "patients": int(rows), "bin_counts": np.asarray(counts).astype(int).tolist(),
+        "psi": None, "ks_at_deciles": None, "outside_share": None,
         "outside_share_training": float(expected[0] + expected[-1]),
         "missing_share": missing_share, "missing_share_training": trained["missing_share"],
         "missing_shift": None if missing_share is None else
@@ -138,3 +142,44 @@ def compare(trained: dict[str, Any], counts: np.ndarray) -> dict[str, Any]:
          else abs(result["missing_shift"]), MISSING_SHIFT_THRESHOLD))
         if value is not None and value > limit]
     return result
+
+
+def profile_digest(profile: dict[str, Any]) -> str:
+    """SHA-256 of a training profile: two runs' bin counts compare only on the same bins."""
+    return hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()
+
+
+class DriftError(ValueError):
+    """Two runs' drift that cannot be compared; the message says why."""
+
+
+def between_runs(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """The later run's input against the earlier one's (this month against last), per marker,
+    overall and per site present in both, from the bin counts both tallied on the same training
+    profile's deciles; the same measures and thresholds as against training."""
+    if earlier.get("profile_sha256") != later.get("profile_sha256"):
+        raise DriftError("the two runs used models with different training profiles, so their "
+                         "bins differ; compare runs scored by the same model version")
+
+    def scope(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        reference = {row["marker"]: row for row in old}
+        rows = []
+        for row in new:
+            before = reference.get(row["marker"])
+            counts = np.asarray(before["bin_counts"] if before else [0], dtype=float)
+            measured = counts[:-1].sum()
+            if not measured:  # nothing measured earlier: no bins to compare with
+                continue
+            as_trained = {"bin_shares": (counts[:-1] / measured).tolist(),
+                          "missing_share": float(counts[-1] / counts.sum())}
+            rows.append({**compare(as_trained, np.asarray(row["bin_counts"])),
+                         "marker": row["marker"]})
+        return sorted(rows, key=lambda row: -(row["psi"] if row["psi"] is not None else -1))
+
+    sites = sorted(set(earlier["by_site"]) & set(later["by_site"]))
+    return {"profile_sha256": later["profile_sha256"], "thresholds": later["thresholds"],
+            "overall": scope(earlier["overall"], later["overall"]),
+            "by_site": {site: scope(earlier["by_site"][site], later["by_site"][site])
+                        for site in sites},
+            "sites_only_earlier": sorted(set(earlier["by_site"]) - set(later["by_site"])),
+            "sites_only_later": sorted(set(later["by_site"]) - set(earlier["by_site"]))}

@@ -4,6 +4,7 @@ scikit-learn, no reports), so a scoring job loads only MLflow, XGBoost and the m
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from phenotyper.contract import PHENOTYPES
 from phenotyper.packaged import PackagedPhenotyper
-from phenotyper.packaged.format import ARTIFACT
+from phenotyper.packaged.format import ARTIFACT, SPEC_FILE
 
 DEFAULT_STORE = "mlflow.db"  # MLflow's embedded SQLite store, in the working directory
 CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"
@@ -83,6 +84,12 @@ def packaged_folder(uri: str, tracking_uri: str | None = None) -> Path:
     local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri))
     return local / "artifacts" / ARTIFACT
+
+
+def package_spec(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The packaged phenotyper's plain-data spec (features, calibration, training profile)
+    without loading the model: what a command needs to describe it."""
+    return json.loads((packaged_folder(uri, tracking_uri) / SPEC_FILE).read_text())
 
 
 def load_packaged(uri: str, threads: int = 1, tracking_uri: str | None = None

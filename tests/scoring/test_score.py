@@ -393,8 +393,10 @@ def test_drift_ranks_the_markers_a_shifted_site_moved_first(store, tmp_path):
     cohort.loc[at, "ferritin_ng_ml"] *= 3
     path = tmp_path / "sites.parquet"
     cohort.to_parquet(path)
+    report = tmp_path / "report.html"
     result = runner.invoke(app, ["score", "--model", MODEL, "--input", str(path), "--output",
-                                 str(tmp_path / "out.parquet"), "--explain", "none"])
+                                 str(tmp_path / "out.parquet"), "--explain", "none",
+                                 "--report", str(report)])
     assert result.exit_code == 0, result.output
     drift = json.loads((tmp_path / "out.parquet.manifest.json").read_text())["drift"]
     site = drift["by_site"][shifted]
@@ -406,6 +408,52 @@ def test_drift_ranks_the_markers_a_shifted_site_moved_first(store, tmp_path):
     assert f"Drift from the training cohort (site {shifted}): " in result.output
     shares = drift["phenotype_shares"]
     assert sum(s["input"] for s in shares.values()) == pytest.approx(1.0)
+    # the report's per-site drift table starts with the shifted site and its two markers
+    html = report.read_text(encoding="utf-8")
+    section = html[html.index('<section id="drift">'):]
+    section = section[section.index("<th>site</th>"):]
+    first_rows = [section.index(f"<td>{name}</td>") for name in ("crp_mg_l", "ferritin_ng_ml")]
+    assert section.index(f"<td>{shifted}</td>") < min(first_rows) < section.index("</table>")
+
+
+def test_drift_compares_this_month_with_last(store, tmp_path):
+    """`phenotyper drift` on two runs' manifests: last month like training, this month with one
+    site's CRP four times higher; that site's CRP moved, beyond the PSI threshold, and the
+    overall table ranks CRP first. Manifests of different models are refused (exit 2)."""
+    last = simulate("provide", 3000, seed=31).drop(columns=["synthetic"])
+    this = simulate("provide", 3000, seed=32).drop(columns=["synthetic"])
+    shifted = this["site_id"].value_counts().index[0]
+    at = this["site_id"] == shifted
+    this.loc[at, "crp_mg_l"] = (this.loc[at, "crp_mg_l"] * 4).clip(upper=1000)
+    for name, frame in (("last", last), ("this", this)):
+        frame.to_parquet(tmp_path / f"{name}.parquet")
+        scored = runner.invoke(app, ["score", "--model", MODEL, "--input",
+                                     str(tmp_path / f"{name}.parquet"), "--output",
+                                     str(tmp_path / f"{name}_scored.parquet"), "--explain",
+                                     "none"])
+        assert scored.exit_code == 0, scored.output
+    manifests = [str(tmp_path / f"{name}_scored.parquet.manifest.json")
+                 for name in ("last", "this")]
+    result = runner.invoke(app, ["drift", *manifests, "--output", str(tmp_path / "drift.json")])
+    assert result.exit_code == 0, result.output
+    compared = json.loads((tmp_path / "drift.json").read_text())
+    assert compared["overall"][0]["marker"] == "crp_mg_l"
+    site = compared["by_site"][shifted]
+    assert site[0]["marker"] == "crp_mg_l" and "psi" in site[0]["beyond_threshold"]
+    assert f"Moved (site {shifted}): crp_mg_l PSI" in result.output
+    others = [markers for name, markers in compared["by_site"].items() if name != shifted]
+    assert all(m["psi"] < site[0]["psi"] / 3 for markers in others for m in markers
+               if m["marker"] == "crp_mg_l")
+    # another model's profile has other bins: no comparison
+    trees = tmp_path / "trees.parquet"
+    assert runner.invoke(app, ["score", "--model", "models:/batchtrees/1", "--input",
+                               str(tmp_path / "this.parquet"), "--output", str(trees),
+                               "--explain", "none"]).exit_code == 0
+    refused = runner.invoke(app, ["drift", manifests[0], f"{trees}.manifest.json"])
+    assert refused.exit_code == 2 and "different training profiles" in refused.stderr
+    (tmp_path / "broken.json").write_bytes(b"\x00{not json")
+    refused = runner.invoke(app, ["drift", manifests[0], str(tmp_path / "broken.json")])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
 
 
 def test_an_input_like_the_training_cohort_shows_no_drift(store, tmp_path):

@@ -6,13 +6,17 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from phenotyper.contract import SYNTHETIC_MODEL_BANNER
 from phenotyper.serving import free_port, post, running_server, running_service, score
 from phenotyper.simulate import simulate
 from phenotyper.tracking import registry
@@ -143,3 +147,29 @@ def test_the_readmes_consumer_command_serves_without_an_activated_environment(se
             {"dataframe_records": _patients(2)}).encode())
     assert status == 200, answer
     assert len(answer["predictions"]) == 2
+
+
+def test_serve_names_the_version_and_says_a_synthetic_model_is_not_for_real_patients(
+        server, tmp_path: Path) -> None:
+    """What `phenotyper serve` says before it hands over to MLflow's server, even with its
+    output going to files (a service's log): the version and when it was registered, and the
+    synthetic-model banner, since a server cannot tell which requests are real patients."""
+    port = free_port()
+    logs = {name: tmp_path / f"serve.{name}" for name in ("out", "err")}
+    with logs["out"].open("w") as out, logs["err"].open("w") as err:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "phenotyper"), "serve", "--port", str(port)],
+            stdout=out, stderr=err, start_new_session=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{Path.cwd() / 'mlflow.db'}"})
+        try:
+            deadline = time.monotonic() + 120
+            while "Serving" not in logs["out"].read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, logs["err"].read_text()[-1500:]
+                time.sleep(0.2)
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+    said = logs["out"].read_text()
+    assert re.search(r"Model: immunophenotyper version 1, registered \d{4}-\d\d-\d\d "
+                     r"\d\d:\d\d:\d\d UTC", said), said
+    assert SYNTHETIC_MODEL_BANNER.split(":")[0] in logs["err"].read_text()
