@@ -77,20 +77,25 @@ def simulate(
     ] = "immunosep-screening",
     n: Annotated[int, typer.Option(min=1, help="Number of patients.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same rows.")] = 0,
+    samples: Annotated[int, typer.Option(
+        min=1, max=2, help="Samples per patient: 2 adds a day-2 sample (sample_time 1 and 2; "
+                           "the preset's [repeat] assumptions).")] = 1,
 ) -> None:
     """Write a synthetic cohort drawn from a calibrated preset (synthetic data, not evidence)."""
     from phenotyper import simulate as simulator
     from phenotyper.cohort import CohortError, write_table
 
     try:
-        frame = simulator.simulate(preset, n, seed)
+        frame = simulator.simulate(preset, n, seed, samples)
         write_table(frame, output)
     except (simulator.PresetError, CohortError) as error:
         exit_with_error(str(error))
     except OSError as error:
         exit_with_error(f"Cannot write {output}: {error.strerror}.")
     _print_calibration(simulator.load_preset(preset), frame)
-    Console().print(Text(f"Wrote {len(frame):,} synthetic patients to {output}."))
+    Console().print(Text(f"Wrote {len(frame):,} synthetic "
+                         + (f"samples of {n:,} patients" if samples > 1 else "patients")
+                         + f" to {output}."))
 
 
 @app.command()
@@ -405,6 +410,9 @@ def score(
         help="With several samples per patient: all counts every row; first or last counts "
              "each patient's first or last sample (by sample_time). Every row is scored "
              "either way.")] = "all",
+    keep: Annotated[list[str] | None, typer.Option(
+        help="An input column to carry into the output as text (encounter, timestamps, "
+             "outcome); repeatable.")] = None,
 ) -> None:
     """Score a cohort file: one output row per input row, in input order, each with a status."""
     from mlflow.exceptions import MlflowException
@@ -418,7 +426,7 @@ def score(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours suffices
     request = ScoreRequest(model, input_path, output, mapping, explain, engine, report_path,
                            block_rows, rejected_values=rejected_values,
-                           per_patient=per_patient)
+                           per_patient=per_patient, keep=tuple(keep or ()))
     console = Console(stderr=True)
     progress = Progress(SpinnerColumn(), TextColumn("Scoring {task.description}"),
                         TextColumn("{task.completed:,} rows"), _RowsPerSecond(),

@@ -275,6 +275,14 @@ class CohortFile:
         return {name: source.column for name, source in self.sources.items()}
 
     @property
+    def data_columns(self) -> list[str]:
+        """The columns of each block's `data` that come from the file, by their names there:
+        canonical and renamed trial columns, then the file's other columns."""
+        used = {s.column for s in (*self.sources.values(), *self.trial_sources.values())}
+        return [*self.sources, *self.trial_sources,
+                *(name for name in self.header if name not in used)]
+
+    @property
     def label_recode(self) -> dict[str, str]:
         """The mapping's `[labels]` table (for `labels.read_labels`)."""
         return dict(self.mapping.labels)
@@ -1332,6 +1340,17 @@ def _read_treatment(raw: pd.Series, source: ColumnSource) -> tuple[pd.Series, li
                        index=range(len(unknown)))
     out = raw.astype(object).where(arms.isna().to_numpy(bool), arms.to_numpy(dtype=object))
     return out, [_issues(unknown, raw, UNKNOWN_CATEGORY, detail)]
+
+
+def sample_days(values: pd.Series) -> np.ndarray:
+    """Sample times as float days: day numbers as they are, timestamps (ISO 8601 or any form
+    pandas reads) as days since the epoch; NaN where neither (such a sample is not ordered)."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().sum() >= values.notna().sum():
+        return numbers.to_numpy(dtype=float)
+    times = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
+    return ((times - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(days=1)).to_numpy(
+        dtype=float, na_value=np.nan)
 
 
 def _sample_times(frame: pd.DataFrame, opened: CohortFile) -> pd.Series | None:

@@ -21,7 +21,7 @@ from phenotyper.files import atomic_path, file_sha256
 from phenotyper.panel import PATIENT_ID, SAMPLE_TIME, SITE_ID
 from phenotyper.scoring.checks import output_schema, row_checks
 from phenotyper.scoring.local import local_blocks, read_ahead, writer
-from phenotyper.scoring.request import ScoreRequest, Timer, check_request
+from phenotyper.scoring.request import ScoreRequest, Timer, check_kept, check_request
 from phenotyper.scoring.stability import StabilityTally
 from phenotyper.scoring.summary import ScoreSummary
 from phenotyper.tracking.registry import describe_model, load_packaged, store_uri, using_store
@@ -52,7 +52,8 @@ def _score(request: ScoreRequest, client: MlflowClient,
         model = load_packaged(request.model_uri, threads=os.cpu_count() or 1)
     with timer.stage("input_sha256"):
         digest = file_sha256(request.input_path)
-    schema = output_schema(model, request.explain)
+    check_kept(request.keep, opened.data_columns, output_schema(model, request.explain).names)
+    schema = output_schema(model, request.explain, request.keep)
     summary = ScoreSummary(classes=list(model.classes), features=list(model.features))
     profile = model.spec.get("profile") or {}
     drift = DriftTally(profile) if profile else None
@@ -69,7 +70,8 @@ def _score(request: ScoreRequest, client: MlflowClient,
                 block = next(blocks, None)
                 if block is None:
                     return
-                checks = row_checks(block, model.features, request.rejected_values)
+                checks = row_checks(block, model.features, request.rejected_values,
+                                    request.keep)
             with timer.stage("drift"):
                 if drift is not None:
                     drift.add(block.data, block.data[SITE_ID])

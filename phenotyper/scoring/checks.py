@@ -40,8 +40,10 @@ _MODEL_NUMBERS = ("prob_", "shap_", LATENT_PROB_PREFIX, LATENT_ENTROPY)
 # --- the output contract ----------------------------------------------------------------------
 
 
-def output_schema(model: PackagedPhenotyper, explain: str) -> pa.Schema:
-    """The output columns and their types for a model and explanation mode (both engines)."""
+def output_schema(model: PackagedPhenotyper, explain: str, keep: tuple[str, ...] = ()
+                  ) -> pa.Schema:
+    """The output columns and their types for a model and explanation mode (both engines),
+    then the input columns `keep` carries, as text as the file had them."""
     if explain not in EXPLAIN_MODES:
         raise ScoringError(f"explain must be one of {', '.join(EXPLAIN_MODES)}, not {explain!r}.")
     fields = [pa.field(ROW, pa.int64()), pa.field(PATIENT_ID, pa.string()),
@@ -58,6 +60,7 @@ def output_schema(model: PackagedPhenotyper, explain: str) -> pa.Schema:
                 fields += [pa.field(f"shap_{label}_{name}", pa.float64())
                            for name in model.features]
         fields.append(pa.field("top_drivers", pa.string()))
+    fields += [pa.field(name, pa.string()) for name in keep]
     return pa.schema(fields)
 
 
@@ -66,11 +69,12 @@ READER_STATUS, READER_KIND = "reader_status", "reader_status_kind"
 CHECK_COLUMNS = (ROW, PATIENT_ID, SITE_ID, READER_STATUS, READER_KIND, ISSUES)
 
 
-def row_checks(block: Cohort, features: list[str], rejected_values: str = SKIP_ROW
-               ) -> pd.DataFrame:
+def row_checks(block: Cohort, features: list[str], rejected_values: str = SKIP_ROW,
+               keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """Per row (CHECK_COLUMNS): the file row number, ids, and a status from the reader's
     issues (a rejected value in a model feature stops scoring, or under `missing` is set
-    aside and the row scored without it; other issues are listed)."""
+    aside and the row scored without it; other issues are listed); then the `keep` columns
+    as text."""
     n = len(block.data)
     status = np.full(n, OK, dtype=object)
     kind = np.full(n, OK, dtype=object)
@@ -100,7 +104,14 @@ def row_checks(block: Cohort, features: list[str], rejected_values: str = SKIP_R
         ROW: np.arange(block.first_row, block.first_row + n, dtype=np.int64),
         PATIENT_ID: block.data[PATIENT_ID].array, SITE_ID: block.data[SITE_ID].array,
         **{name: pd.Series(values, dtype=object) for name, values in (
-            (READER_STATUS, status), (READER_KIND, kind), (ISSUES, issues))}})
+            (READER_STATUS, status), (READER_KIND, kind), (ISSUES, issues))},
+        **{name: _as_text(block.data[name]) for name in keep}})
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """A carried column as text (missing stays missing), whatever type the reader gave it."""
+    return pd.Series(values.astype(object).where(values.notna(), None).map(
+        lambda v: v if v is None or isinstance(v, str) else str(v)).to_numpy(), dtype=object)
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,8 @@ def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> Sco
     Arrow): the text columns stay Arrow strings from the model to the file, never a Python
     object per cell."""
     model = pa.Table.from_pandas(scored, preserve_index=False, nthreads=1)
-    reader = pa.Table.from_pandas(checks[[*CHECKED, READER_STATUS]], preserve_index=False,
+    carried = (*CHECKED, *(name for name in checks if name not in CHECK_COLUMNS))
+    reader = pa.Table.from_pandas(checks[[*carried, READER_STATUS]], preserve_index=False,
                                   nthreads=1)
     reader_kind = checks[READER_KIND].to_numpy(dtype=object)
     rejected = ~np.isin(reader_kind, list(SCORED_KINDS))
@@ -149,7 +161,7 @@ def finish(scored: pd.DataFrame, checks: pd.DataFrame, schema: pa.Schema) -> Sco
                  "status": (rejected | set_aside, status)}
     columns = []
     for column in schema:
-        values = (reader if column.name in CHECKED else model)[column.name].cast(column.type)
+        values = (reader if column.name in carried else model)[column.name].cast(column.type)
         where, value = overrides.get(column.name, (
             rejected if column.name.startswith(_MODEL_NUMBERS) else None, None))
         if where is not None and where.any():

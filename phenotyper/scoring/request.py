@@ -13,6 +13,7 @@ from pathlib import Path
 from phenotyper.cohort import BLOCK_ROWS, PARQUET_SUFFIXES
 from phenotyper.contract import EXPLAIN_MODES, REJECTED_VALUES_MODES, SKIP_ROW
 from phenotyper.scoring.stability import PER_PATIENT_MODES
+from phenotyper.suggest import did_you_mean
 
 ENGINES = ("local", "spark")
 
@@ -39,6 +40,7 @@ class ScoreRequest:
     csv_reader: str = "arrow"  # cohort.CSV_READERS (open_cohort)
     rejected_values: str = SKIP_ROW  # contract.REJECTED_VALUES_MODES
     per_patient: str = "all"  # stability.PER_PATIENT_MODES: what the summary counts
+    keep: tuple[str, ...] = ()  # input columns carried into the output (local engine)
 
     @property
     def manifest_path(self) -> Path:
@@ -60,6 +62,20 @@ class Timer:
             self.seconds[name] += time.perf_counter() - start
 
 
+def check_kept(keep: tuple[str, ...], available: list[str], output: list[str]) -> None:
+    """Refuse a --keep column the input lacks or the output already has."""
+    for name in keep:
+        if keep.count(name) > 1:
+            raise ScoringError(f"--keep {name} is given {keep.count(name)} times; give it once.")
+        if name in output:
+            raise ScoringError(f"--keep {name}: the output already has a column {name}; "
+                               "keep only columns the output lacks.")
+        if name not in available:
+            raise ScoringError(f"--keep {name}: the input has no column {name}."
+                               f"{did_you_mean(name, available)} Its columns are: "
+                               f"{', '.join(available)}.")
+
+
 def check_request(request: ScoreRequest) -> None:
     """Refuse a request that would fail late or destroy data, before any work is done."""
     if request.engine not in ENGINES:
@@ -74,6 +90,9 @@ def check_request(request: ScoreRequest) -> None:
     if request.per_patient not in PER_PATIENT_MODES:
         raise ScoringError(f"--per-patient must be one of {', '.join(PER_PATIENT_MODES)}, not "
                            f"{request.per_patient!r}.")
+    if request.keep and request.engine != "local":
+        raise ScoringError("--keep carries input columns with --engine local only; score "
+                           "locally, or join the output back to the input on its row number.")
     suffix = request.output_path.suffix.lower()
     if suffix not in (*PARQUET_SUFFIXES, ".csv"):
         raise ScoringError(f"Cannot write {request.output_path}: name the output .parquet or "

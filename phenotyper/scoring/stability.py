@@ -12,22 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from phenotyper.cohort import sample_days
 from phenotyper.contract import PHENOTYPES
 from phenotyper.immunosep import PUBLISHED_RULE_STABILITY
 
 PER_PATIENT_MODES = ("all", "first", "last")  # what the summary counts: rows, or one per patient
 _NO_CALL = -1  # not scored, or the rule indeterminate
-
-
-def sample_days(values: pd.Series) -> np.ndarray:
-    """Sample times as float days: day numbers as they are, timestamps (ISO 8601 or any form
-    pandas reads) as days since the epoch; NaN where neither (such a sample is not ordered)."""
-    numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.notna().sum() >= values.notna().sum():
-        return numbers.to_numpy(dtype=float)
-    times = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
-    return ((times - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(days=1)).to_numpy(
-        dtype=float, na_value=np.nan)
 
 
 def _codes(calls: Any) -> np.ndarray:

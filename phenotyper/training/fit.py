@@ -19,7 +19,7 @@ from sklearn.model_selection import (
 )
 
 from phenotyper.calibration import calibration_test
-from phenotyper.cohort import censored_cells, read_cohort
+from phenotyper.cohort import censored_cells, read_cohort, sample_days
 from phenotyper.contract import PHENOTYPES
 from phenotyper.evaluate.benchmark import benchmark
 from phenotyper.evaluate.metrics import calibration_by_phenotype
@@ -34,7 +34,7 @@ from phenotyper.labels import (
     rule_derived_warning,
 )
 from phenotyper.models import LogitRecalibrated, build_candidate
-from phenotyper.panel import PANEL, PATIENT_ID, SITE_ID
+from phenotyper.panel import PANEL, PATIENT_ID, SAMPLE_TIME, SITE_ID
 from phenotyper.rules import reference_rules
 from phenotyper.simulate import is_synthetic, simulate
 from phenotyper.suggest import did_you_mean
@@ -121,17 +121,44 @@ def resolve_features(spec: ExperimentSpec, cohort: pd.DataFrame) -> tuple[str, .
 
 
 def split_cohort(spec: ExperimentSpec, cohort: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Train/test row positions; no patient (or, by site, no site) is on both sides."""
+    """Train/test row positions; no patient (or, by site, no site) is on both sides. By time,
+    the patients whose first sample is latest are the test set (`test_size` of the patients)."""
     key = SITE_ID if spec.split_by == "site" else PATIENT_ID
     if key not in cohort or cohort[key].isna().all():
         raise ExperimentError(f"split by {spec.split_by} needs a '{key}' column in the cohort")
     groups = cohort[key].astype("string").fillna("<missing>").to_numpy()
     if len(np.unique(groups)) < 2:
         raise ExperimentError(f"split by {spec.split_by} needs at least two distinct {key}s")
+    if spec.split_by == "time":
+        return _split_by_time(spec, cohort, groups)
     splitter = GroupShuffleSplit(n_splits=1, test_size=spec.test_size,
                                  random_state=spec.split_seed)
     train, test = next(splitter.split(cohort, groups=groups))
     return train, test
+
+
+def _split_by_time(spec: ExperimentSpec, cohort: pd.DataFrame, groups: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Patients ordered by their first sample time (ties by patient id); the latest
+    `test_size` of them, every sample of theirs, are the test set."""
+    if SAMPLE_TIME not in cohort:
+        raise ExperimentError(f"split by time needs a '{SAMPLE_TIME}' column in the cohort "
+                              "(a timestamp or a day number per row)")
+    days = sample_days(cohort[SAMPLE_TIME])
+    if np.isnan(days).any():
+        rows = np.flatnonzero(np.isnan(days))[:5] + 1
+        raise ExperimentError(
+            f"split by time: {int(np.isnan(days).sum()):,} rows have no readable "
+            f"{SAMPLE_TIME} (first data rows {', '.join(map(str, rows))}, values "
+            f"{', '.join(repr(v) for v in cohort[SAMPLE_TIME].iloc[rows - 1])}); give a "
+            "timestamp or a day number, or split by patient")
+    first = pd.Series(days).groupby(groups).min().sort_index(kind="stable")
+    order = first.sort_values(kind="stable").index.to_numpy()
+    n_test = int(np.ceil(spec.test_size * len(order))) if spec.test_size < 1 else \
+        int(spec.test_size)
+    latest = set(order[len(order) - n_test:])
+    test = np.array([group in latest for group in groups])
+    return np.flatnonzero(~test), np.flatnonzero(test)
 
 
 def _groups(spec: ExperimentSpec, frame: pd.DataFrame) -> np.ndarray:

@@ -28,6 +28,10 @@ SELECTION_METRICS: dict[str, tuple[str, str, bool]] = {
     "accuracy": ("accuracy", "accuracy", True),
     "macro_f1": ("f1_macro", "macro_f1", True),
 }
+# How the held-out patients are chosen: at random by patient or by site, or the latest patients
+# by their first sample_time (earlier patients train, later ones test: a model judged on the
+# future it will meet).
+SPLITS = ("patient", "site", "time")
 RULE_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "treatment_agreement")
 DEFAULT_GRIDS: dict[str, dict[str, list]] = {
     "logistic": {"C": [0.1, 1.0]},
@@ -308,7 +312,7 @@ def check_spec(spec: ExperimentSpec, where: str) -> None:
         if spec.latent_restarts < 1 or spec.stability_refits < 0:
             raise ExperimentError(f"{where}: supervision.restarts must be at least 1 and "
                                   "supervision.stability_refits at least 0.")
-    choose("split.by", spec.split_by, ("patient", "site"))
+    choose("split.by", spec.split_by, SPLITS)
     choose("selection.metric", spec.selection_metric, tuple(SELECTION_METRICS))
     choose("selection.rule_metric", spec.rule_metric, RULE_METRICS)
     choose("selection.gate", spec.gate, GATES)

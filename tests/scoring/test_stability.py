@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from phenotyper.cli import app
-from phenotyper.cohort import DUPLICATE_ID, read_cohort, write_table
+from phenotyper.cohort import DUPLICATE_ID, read_cohort, sample_days, write_table
 from phenotyper.contract import INDETERMINATE, PHENOTYPES
 from phenotyper.immunosep import PUBLISHED_RULE_STABILITY
 from phenotyper.panel import PATIENT_ID, SAMPLE_TIME
-from phenotyper.scoring.stability import phenotype_stability, sample_days
+from phenotyper.scoring.stability import phenotype_stability
 from phenotyper.simulate import RULE_COLUMN, TRUTH_COLUMN, load_preset, simulate
 
 runner = CliRunner(env={"COLUMNS": "400"})
@@ -119,3 +119,27 @@ def test_a_cohort_without_sample_times_has_no_stability_section(store: Path,
     assert result.exit_code == 0, result.output
     assert json.loads(Path(f"{output}.manifest.json").read_text())["repeated_samples"] is None
     assert "Stability" not in result.stdout
+
+
+def test_keep_carries_named_input_columns_into_the_output(store: Path, tmp_path: Path) -> None:
+    """--keep sample_time --keep death_28d: the output ends with them, as text, row by row;
+    a column the input lacks or the output has is one clear error (exit 2)."""
+    both = simulate("provide", 100, seed=23, samples=2)
+    both["encounter_id"] = ["E" + str(i // 2) for i in range(len(both))]
+    source = write_table(both, tmp_path / "two_days.csv")
+    output = tmp_path / "scored.parquet"
+    arguments = ["score", "--input", str(source), "--output", str(output), "--model",
+                 "models:/batchmodel/1", "--explain", "none"]
+    result = runner.invoke(app, [*arguments, "--keep", "sample_time", "--keep", "death_28d",
+                                 "--keep", "encounter_id"])
+    assert result.exit_code == 0, result.output
+    scored = pd.read_parquet(output)
+    assert list(scored.columns[-3:]) == ["sample_time", "death_28d", "encounter_id"]
+    assert scored["sample_time"].tolist() == both["sample_time"].astype(str).tolist()
+    assert scored["death_28d"].tolist() == both["death_28d"].astype(str).tolist()
+    assert scored["encounter_id"].tolist() == both["encounter_id"].tolist()
+    for keep, message in (("sampletime", "the input has no column sampletime. Did you mean "
+                                         "'sample_time'?"),
+                          ("phenotype", "the output already has a column phenotype")):
+        refused = runner.invoke(app, [*arguments, "--keep", keep])
+        assert refused.exit_code == 2 and message in refused.stderr, refused.output

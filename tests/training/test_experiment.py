@@ -94,6 +94,28 @@ def test_split_keeps_each_group_on_one_side(by: str, key: str) -> None:
     assert not set(cohort[key].iloc[train]) & set(cohort[key].iloc[test])
 
 
+def test_split_by_time_tests_on_the_latest_patients_with_all_their_samples() -> None:
+    """Each patient's first sample_time orders them; the latest quarter (every sample of
+    theirs) is held out, so no test patient was seen before any training patient."""
+    cohort = simulate("provide", 400, seed=1, samples=2)
+    admitted = pd.Series(np.random.default_rng(2).permutation(400) * 1.0,
+                         index=cohort["patient_id"].unique())
+    cohort["sample_time"] = cohort["patient_id"].map(admitted) + cohort["sample_time"] - 1
+    spec = ExperimentSpec(name="x", registered_model="m", label="phenotype_true",
+                          preset="provide", split_by="time", test_size=0.25)
+    train, test = split_cohort(spec, cohort)
+    assert len(train) + len(test) == len(cohort) and len(test) == 2 * 100
+    first = cohort.groupby("patient_id")["sample_time"].min()
+    train_ids, test_ids = set(cohort.patient_id.iloc[train]), set(cohort.patient_id.iloc[test])
+    assert not train_ids & test_ids
+    assert first[list(train_ids)].max() < first[list(test_ids)].min()
+    cohort.loc[5, "sample_time"] = None
+    with pytest.raises(ExperimentError, match="1 rows have no readable sample_time"):
+        split_cohort(spec, cohort)
+    with pytest.raises(ExperimentError, match="needs a 'sample_time' column"):
+        split_cohort(spec, cohort.drop(columns="sample_time"))
+
+
 def test_features_default_to_measured_panel_markers_minus_exclusions() -> None:
     cohort = simulate("provide", 200, seed=1)
     cohort["il6_pg_ml"] = np.nan  # this hospital does not measure IL-6
