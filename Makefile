@@ -114,3 +114,5 @@ bench: setup
 	$(BIN)/python benchmarks/score_speed.py --candidate xgboost --rows 200000 --memory-rows 0
 	$(BIN)/python benchmarks/shap_speed.py
 	$(BIN)/python benchmarks/latent.py
+	$(BIN)/python benchmarks/soak.py
+	$(BIN)/python benchmarks/new_site.py
