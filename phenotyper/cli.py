@@ -45,6 +45,13 @@ def exit_with_error(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def file_destination(path: Path, example: str) -> Path:
+    """`path` if a file can be written there, else exit 2 saying so (a folder, '.')."""
+    if path.is_dir() or path.name in ("", ".", ".."):
+        exit_with_error(f"{path} is a folder; give a file name, e.g. {path / example}.")
+    return path
+
+
 @app.command()
 def validate(
     path: Annotated[Path, typer.Argument(help="Cohort file: CSV, TSV, TXT or Parquet.")],
@@ -298,6 +305,7 @@ def recalibrate(
     console = Console()
     result, parent = outcome.result, outcome.parent
     console.print(Text(_model_line(parent)))
+    console.print(Text(outcome.labels))
     counts = ", ".join(f"{p} {n:,}" for p, n in result.counts.items())
     console.print(Text(f"Local patients: {counts}"
                        + (f" ({outcome.n_unscored:,} labelled rows the model could not score "
@@ -310,12 +318,13 @@ def recalibrate(
                            style="bold"))
         return
     held = result.held_out
-    table = Table(title=f"Held out ({held['folds']}-fold cross-fitting on the local patients)")
+    table = Table(title=f"Held out ({held['folds']}-fold cross-fitting on the local patients; "
+                        "lower is better)", title_justify="left")
     for column in ("", f"version {parent['version']}", "recalibrated"):
         table.add_column(column, justify="right")
     table.add_row("log loss", f"{held['log_loss_before']:.4f}", f"{held['log_loss_after']:.4f}")
-    table.add_row("calibration likelihood ratio", f"{held['statistic_before']:.1f}",
-                  f"{held['statistic_after']:.1f}")
+    table.add_row("calibration likelihood ratio (6 df; 12.6 is p = 0.05)",
+                  f"{held['statistic_before']:.1f}", f"{held['statistic_after']:.1f}")
     console.print(table)
     verdict = "promoted to champion" if outcome.decision.promote else "not promoted"
     console.print(Text(f"Registered {parent['name']} version {outcome.version} (parent "
@@ -341,7 +350,10 @@ def model_card(
             card = model_card_text(client, name, alias)
     except MlflowException as error:
         exit_with_error(f"No {name}@{alias} in {uri}: {error.message}")
-    write_bytes_atomic(output, card.encode())
+    try:
+        write_bytes_atomic(file_destination(output, "model_card.md"), card.encode())
+    except OSError as error:
+        exit_with_error(f"Cannot write {output}: {error.strerror}.")
     Console().print(Text(f"Wrote the model card of {name}@{alias} to {output}."))
 
 
@@ -351,11 +363,19 @@ def serve(
         DEFAULT_MODEL_URI,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback unless told.")] =
         "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 5001,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 5001,
     workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
 ) -> None:
     """Serve a packaged model with MLflow's own scoring server (POST /invocations)."""
     import shutil
+    import socket
+
+    try:  # a port in use would otherwise end in uvicorn's traceback, after "Serving ..."
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        exit_with_error(f"Cannot serve on {host}:{port}: {error.strerror}. Choose another "
+                        "--port (or stop what is using it).")
 
     from mlflow.exceptions import MlflowException
 
@@ -468,14 +488,43 @@ def _model_line(info: dict) -> str:
             f"({info['uri']})")
 
 
-def _drifted(drift: dict | None, shown: int = 3) -> list[tuple[str, list[dict]]]:
-    """(scope, the markers beyond a drift threshold, most moved first) overall and per site."""
+MAX_DRIFT_LINES = 6  # console lines on drift: all rows, then the sites that moved most
+
+
+def _drifted(drift: dict | None, shown: int = 3) -> list[tuple[str, str]]:
+    """(scope, what moved beyond a threshold: up to `shown` markers, most moved first), all
+    rows first, then the sites, the most moved first."""
     if not drift:
         return []
-    scopes = [("all rows", drift["overall"]), *((f"site {site}", markers)
-                                              for site, markers in drift["by_site"].items())]
-    return [(scope, moved[:shown]) for scope, markers in scopes
-            if (moved := [m for m in markers if m["beyond_threshold"] and m["psi"] is not None])]
+
+    def moved(markers: list[dict]) -> list[dict]:
+        return [m for m in markers if m["beyond_threshold"]]
+
+    def said(marker: dict) -> str:
+        parts = []
+        if {"psi", "ks_at_deciles"} & set(marker["beyond_threshold"]):
+            parts.append(f"PSI {marker['psi']:.2f}, KS {marker['ks_at_deciles']:.2f}")
+        if "missing_shift" in marker["beyond_threshold"]:
+            key, reference = next((k, v) for k, v in marker.items()
+                                  if k.startswith("missing_share_"))
+            parts.append(f"missing {marker['missing_share']:.0%} ({reference:.0%} "
+                         f"{key.removeprefix('missing_share_')})")
+        return f"{marker['marker']} " + ", ".join(parts)
+
+    sites = sorted(((f"site {site}", moved(markers)) for site, markers in
+                    drift["by_site"].items()),
+                   key=lambda item: -max((m["psi"] or 0 for m in item[1]), default=0))
+    return [(scope, "; ".join(said(m) for m in markers[:shown]))
+            for scope, markers in [("all rows", moved(drift["overall"])), *sites] if markers]
+
+
+def _print_drift(console: Console, lines: list[tuple[str, str]], lead: str) -> None:
+    for scope, markers in lines[:MAX_DRIFT_LINES]:
+        console.print(Text(f"{lead} ({scope}): {markers}", style="yellow"))
+    if len(lines) > MAX_DRIFT_LINES:
+        console.print(Text(f"... and {len(lines) - MAX_DRIFT_LINES} more sites beyond a drift "
+                           "threshold (all in the manifest's drift, and the report).",
+                           style="yellow"))
 
 
 def _print_scoring(manifest: dict, report_path: Path | None) -> None:
@@ -507,10 +556,7 @@ def _print_scoring(manifest: dict, report_path: Path | None) -> None:
             + ", the rule in " + (f"{kept['rule']:.1%}" if kept["rule"] is not None else
                                   "no pair")
             + f" (published for the rule in PROVIDE: {repeated['published_rule_kept_share']:.1%})"))
-    for scope, markers in _drifted(manifest.get("drift")):
-        console.print(Text(f"Drift from the training cohort ({scope}): " + ", ".join(
-            f"{m['marker']} PSI {m['psi']:.2f}, KS {m['ks_at_deciles']:.2f}" for m in markers),
-            style="yellow"))
+    _print_drift(console, _drifted(manifest.get("drift")), "Drift from the training patients")
     console.print(Text(f"Wrote {manifest['output']} and its manifest."))
     if report_path is not None:
         console.print(Text(f"Report: {report_path}"))
@@ -532,15 +578,19 @@ def drift(
     from phenotyper.files import atomic_path
 
     runs = []
+    wanted = "give the OUTPUT.manifest.json that phenotyper score wrote beside its output"
     for path in (earlier, later):
+        if not path.is_file():
+            exit_with_error(f"{path} does not exist or is not a file; {wanted}.")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            exit_with_error(f"Cannot read {path} as a scoring manifest ({error}); give the "
-                            ".manifest.json that phenotyper score wrote beside its output.")
-        if not isinstance(manifest, dict) or not manifest.get("drift"):
-            exit_with_error(f"{path} holds no drift: score the input again with a model that "
-                            "carries a training profile (trained by this phenotyper).")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            exit_with_error(f"{path} is not a scoring manifest (not JSON text); {wanted}.")
+        if not isinstance(manifest, dict) or "rows_out" not in manifest:
+            exit_with_error(f"{path} is JSON but not a scoring manifest; {wanted}.")
+        if not manifest.get("drift"):
+            exit_with_error(f"{path} holds no drift: its model carries no training profile. "
+                            "Score that input again with a model trained by this phenotyper.")
         if "profile_sha256" not in manifest["drift"]:
             exit_with_error(f"{path} was written by an older phenotyper without bin counts; "
                             "score that input again.")
@@ -550,10 +600,13 @@ def drift(
     except DriftError as error:
         exit_with_error(f"Cannot compare {earlier} with {later}: {error}.")
     console = Console()
+    if runs[0].get("input_sha256") == runs[1].get("input_sha256"):
+        console.print(Text("Both manifests are of the same input file: nothing can have moved.",
+                           style="yellow"))
     console.print(Text(f"{later.name} against {earlier.name} (thresholds: " + ", ".join(
         f"{name} {value:g}" for name, value in compared["thresholds"].items()) + ")"))
     table = Table(title="All rows, most moved first", title_justify="left")
-    for column in ("marker", "PSI", "KS at deciles", "missing (earlier)", "beyond"):
+    for column in ("marker", "PSI", "KS at deciles", "missing, later (earlier)", "beyond"):
         table.add_column(column, justify="left" if column == "marker" else "right")
     def shown(value: float | None, form: str) -> str:
         return "n/a" if value is None else format(value, form)
@@ -562,20 +615,17 @@ def drift(
         table.add_row(row["marker"], shown(row["psi"], ".3f"),
                       shown(row["ks_at_deciles"], ".3f"),
                       f"{shown(row['missing_share'], '.1%')} "
-                      f"({shown(row['missing_share_training'], '.1%')})",
+                      f"({shown(row['missing_share_earlier'], '.1%')})",
                       ", ".join(row["beyond_threshold"]))
     console.print(table)
-    for scope, markers in _drifted({**compared, "overall": []}):
-        console.print(Text(f"Moved ({scope}): " + ", ".join(
-            f"{m['marker']} PSI {m['psi']:.2f}, KS {m['ks_at_deciles']:.2f}" for m in markers),
-            style="yellow"))
+    _print_drift(console, _drifted({**compared, "overall": []}), "Moved")
     for key, words in (("sites_only_earlier", "only in the earlier run"),
                        ("sites_only_later", "only in the later run")):
         if compared[key]:
             console.print(Text(f"Sites {words}: {', '.join(compared[key])}"))
     if output is not None:
         try:
-            with atomic_path(output) as temporary:
+            with atomic_path(file_destination(output, "drift.json")) as temporary:
                 temporary.write_text(json.dumps(compared, indent=1), encoding="utf-8")
         except OSError as error:
             exit_with_error(f"Cannot write {output}: {error.strerror}.")

@@ -435,6 +435,12 @@ def _canonical(frame: pd.DataFrame, opened: CohortFile, state: _StreamState) -> 
                 part.assign(column=canonical, source_column=source.column,
                             column_order=len(CANONICAL_COLUMNS) + TRIAL_COLUMNS.index(canonical))
                 for part in parts)
+    times = _sample_times(frame, opened)
+    if times is not None:
+        source = opened.trial_sources.get(SAMPLE_TIME)
+        issue_parts.append(_read_sample_time(times).assign(
+            column=SAMPLE_TIME, source_column=source.column if source else SAMPLE_TIME,
+            column_order=len(CANONICAL_COLUMNS) + TRIAL_COLUMNS.index(SAMPLE_TIME)))
     index = pd.RangeIndex(len(frame))
     result = pd.DataFrame({**data, **extras}, index=index)
     issues = _collect_issues(issue_parts)
@@ -1346,11 +1352,20 @@ def sample_days(values: pd.Series) -> np.ndarray:
     """Sample times as float days: day numbers as they are, timestamps (ISO 8601 or any form
     pandas reads) as days since the epoch; NaN where neither (such a sample is not ordered)."""
     numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.notna().sum() >= values.notna().sum():
+    if numbers.notna().sum() * 2 >= values.notna().sum():  # mostly day numbers: all are
         return numbers.to_numpy(dtype=float)
     times = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
     return ((times - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(days=1)).to_numpy(
         dtype=float, na_value=np.nan)
+
+
+def _read_sample_time(raw: pd.Series) -> pd.DataFrame:
+    """Sample times that are neither a day number nor a timestamp: an issue each (the row is
+    scored; that sample is left out of the order of its patient's samples)."""
+    unreadable = np.flatnonzero(~_is_missing(_text(raw)) & np.isnan(sample_days(raw)))
+    return _issues(unreadable, raw, UNPARSEABLE, pd.Series(
+        "not a day number or a timestamp (ISO 8601, e.g. 2026-01-05T08:00); this sample is "
+        "left out of its patient's order", index=range(len(unreadable))))
 
 
 def _sample_times(frame: pd.DataFrame, opened: CohortFile) -> pd.Series | None:

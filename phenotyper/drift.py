@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import chi2, kstwobign, norm
 
 from phenotyper.contract import PHENOTYPES
 from phenotyper.panel import PANEL
@@ -55,7 +56,13 @@ def training_profile(frame: pd.DataFrame, features: Sequence[str], predicted: Se
 PSI_THRESHOLD = 0.25
 KS_THRESHOLD = 0.1
 MISSING_SHIFT_THRESHOLD = 0.1  # absolute change in the share of patients without the marker
-_FLOOR = 1e-4  # an empty bin's share in PSI (the log of zero is not a shift size)
+# A small site's measures scatter beyond those thresholds by chance alone (PSI on 28 rows
+# often exceeds 1): each threshold is raised to what sampling noise of both sides reaches with
+# probability 1% (PSI as Pearson chi-square / n, the two-sample KS critical value, a binomial
+# share), so a flag means a shift larger than both the threshold and the noise.
+NOISE_QUANTILE = 0.99
+_SMOOTHING = 0.5  # added to each input bin's count in PSI (Jeffreys): an empty bin is no log 0
+_MIN_PER_BIN = 5  # below this many measured values per bin PSI is not judged (chi-square rule)
 
 
 class DriftTally:
@@ -116,7 +123,9 @@ class DriftTally:
 
 
 def compare(trained: dict[str, Any], counts: np.ndarray) -> dict[str, Any]:
-    """One marker's shift: `counts` are the input's patients per training bin, then missing."""
+    """One marker's shift: `counts` are the input's patients per training bin, then missing;
+    `trained` the reference's bin shares, missing share and sizes (`measured`, `patients`)."""
+    counts = np.asarray(counts)
     measured = counts[:-1].sum()
     rows = counts.sum()
     expected = np.array(trained["bin_shares"])
@@ -130,18 +139,40 @@ def compare(trained: dict[str, Any], counts: np.ndarray) -> dict[str, Any]:
         missing_share - trained["missing_share"]}
     if measured:
         actual = counts[:-1] / measured
-        a, e = np.maximum(actual, _FLOOR), np.maximum(expected, _FLOOR)
+        a = (counts[:-1] + _SMOOTHING) / (measured + _SMOOTHING * len(expected))
+        e = np.maximum(expected, _SMOOTHING / max(trained.get("measured", 1), 1))
         result.update(
             psi=float(((a - e) * np.log(a / e)).sum()),
             ks_at_deciles=float(np.abs(np.cumsum(actual)[:-1] - np.cumsum(expected)[:-1]).max()),
             outside_share=float(actual[0] + actual[-1]))
-    result["beyond_threshold"] = [name for name, value, limit in (
-        ("psi", result["psi"], PSI_THRESHOLD),
-        ("ks_at_deciles", result["ks_at_deciles"], KS_THRESHOLD),
+    result["limits"] = _limits(trained, len(expected), measured, rows)
+    result["beyond_threshold"] = [name for name, value in (
+        ("psi", result["psi"]), ("ks_at_deciles", result["ks_at_deciles"]),
         ("missing_shift", None if result["missing_shift"] is None
-         else abs(result["missing_shift"]), MISSING_SHIFT_THRESHOLD))
-        if value is not None and value > limit]
+         else abs(result["missing_shift"])))
+        if value is not None and result["limits"][name] is not None
+        and value > result["limits"][name]]
     return result
+
+
+def _limits(trained: dict[str, Any], bins: int, measured: int, rows: int
+            ) -> dict[str, float | None]:
+    """Each threshold, raised to its sampling-noise level at these sizes (NOISE_QUANTILE);
+    None where too few values to judge (PSI below _MIN_PER_BIN values per bin)."""
+    def inverse(n: float) -> float:
+        return 1 / n if n else np.inf
+
+    both_measured = inverse(measured) + inverse(trained.get("measured", np.inf))
+    both_rows = inverse(rows) + inverse(trained.get("patients", np.inf))
+    p = trained["missing_share"]
+    psi = (None if measured < _MIN_PER_BIN * bins else
+           max(PSI_THRESHOLD, float(chi2.ppf(NOISE_QUANTILE, bins - 1) * both_measured)))
+    return {
+        "psi": psi,
+        "ks_at_deciles": max(KS_THRESHOLD,
+                             float(kstwobign.ppf(NOISE_QUANTILE) * np.sqrt(both_measured))),
+        "missing_shift": max(MISSING_SHIFT_THRESHOLD, float(
+            norm.ppf(1 - (1 - NOISE_QUANTILE) / 2) * np.sqrt(p * (1 - p) * both_rows)))}
 
 
 def profile_digest(profile: dict[str, Any]) -> str:
@@ -159,7 +190,8 @@ def between_runs(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, An
     profile's deciles; the same measures and thresholds as against training."""
     if earlier.get("profile_sha256") != later.get("profile_sha256"):
         raise DriftError("the two runs used models with different training profiles, so their "
-                         "bins differ; compare runs scored by the same model version")
+                         "bins differ; compare runs scored by the same model (or versions "
+                         "recalibrated from it, which keep its profile)")
 
     def scope(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
         reference = {row["marker"]: row for row in old}
@@ -171,9 +203,11 @@ def between_runs(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, An
             if not measured:  # nothing measured earlier: no bins to compare with
                 continue
             as_trained = {"bin_shares": (counts[:-1] / measured).tolist(),
-                          "missing_share": float(counts[-1] / counts.sum())}
-            rows.append({**compare(as_trained, np.asarray(row["bin_counts"])),
-                         "marker": row["marker"]})
+                          "missing_share": float(counts[-1] / counts.sum()),
+                          "measured": measured, "patients": counts.sum()}
+            shift = compare(as_trained, np.asarray(row["bin_counts"]))
+            rows.append({"marker": row["marker"], **{
+                key.replace("_training", "_earlier"): value for key, value in shift.items()}})
         return sorted(rows, key=lambda row: -(row["psi"] if row["psi"] is not None else -1))
 
     sites = sorted(set(earlier["by_site"]) & set(later["by_site"]))

@@ -305,13 +305,15 @@ def _calibration_verdict(candidate: CandidateResult) -> str:
     return f"{said}: no evidence of miscalibration, used as is." if said else "used as is."
 
 
-def recalibration_section(parent_card: str, parent_version: str, result: LocalRecalibration,
-                          cohort: Path, warning: str | None) -> str:
-    """The parent version's card with what local recalibration did put first: the test, the
-    held-out numbers before and after, the map and its shrinkage."""
+def recalibration_section(parent_card: str, name: str, version: str, parent_version: str,
+                          result: LocalRecalibration, cohort: Path, warning: str | None) -> str:
+    """The parent version's card under this version's title, with what local recalibration
+    did put first: the test, the held-out numbers before and after, the shrinkage."""
     held = result.held_out
     counts = ", ".join(f"{p} {n:,}" for p, n in result.counts.items())
     lines = [
+        f"# Model card: {name}, version {version} (version {parent_version} recalibrated)",
+        "",
         f"## Local recalibration of version {parent_version}",
         "",
         f"Recalibrated on `{cohort.name}` ({counts} labelled patients). Joint calibration test "
@@ -320,19 +322,23 @@ def recalibration_section(parent_card: str, parent_version: str, result: LocalRe
         f"{SHRINKAGE_PATIENTS:g} patients) and judged by {held['folds']}-fold cross-fitting "
         "on the local patients:",
         "",
-        "| held out | before | after |",
+        "| held out (lower is better) | before | after |",
         "|---|---|---|",
         f"| log loss | {held['log_loss_before']:.4f} | {held['log_loss_after']:.4f} |",
-        f"| calibration likelihood ratio (6 df) | {held['statistic_before']:.1f} | "
-        f"{held['statistic_after']:.1f} |",
+        f"| calibration likelihood ratio (6 df; 12.6 is p = 0.05) | "
+        f"{held['statistic_before']:.1f} | {held['statistic_after']:.1f} |",
         "",
-        "Only the map from the model's logits to probabilities changed: phenotype calls can "
-        "move where classes are close, the ranking of patients within a phenotype does not. "
-        "The rest of this card describes the parent version's training.",
+        "Point estimates on the local patients, without intervals. Only the map from the "
+        "model's logits to probabilities changed (the markers' contributions are the parent's, "
+        "mapped linearly): probabilities move, and so can phenotype calls and the order of "
+        "patients by a phenotype's probability. The rest of this card describes the parent "
+        "version's training.",
     ]
     if warning:
         lines += ["", f"**Warning:** {warning}."]
     banner, rest = _split_banner(parent_card)
+    if rest.startswith("# Model card:"):  # the parent's title names the parent's version
+        rest = f"*Version {parent_version}'s card follows.*" + rest.partition("\n")[2]
     return "\n".join([*banner, *lines, "", rest])
 
 

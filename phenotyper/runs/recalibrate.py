@@ -50,6 +50,7 @@ class RecalibrationOutcome:
     result: LocalRecalibration
     n_unscored: int  # labelled rows the model could not score (left out)
     rule_agreement: float  # share of labelled patients whose label is the rule's answer
+    labels: str  # what the label column held (labels.LabelReading.summary)
     warning: str | None
     version: str | None  # the new registered version, when the map was refitted
     decision: GateDecision | None
@@ -77,7 +78,10 @@ def recalibrate_model(model_uri: str, cohort_path: Path, label: str,
             scored = PackagedPhenotyper(package).predict(cohort.data, explain="none")
             use = reading.labelled & np.array([is_scored(s) for s in scored["status"]])
             proba = scored.loc[use, [f"prob_{p}" for p in PHENOTYPES]].to_numpy(dtype=float)
-            result = recalibrate(reading.codes[use], proba, seed)
+            try:
+                result = recalibrate(reading.codes[use], proba, seed)
+            except RecalibrationError as error:
+                raise RecalibrationError(f"{error}. {reading.summary()}") from None
             agreement, compared = label_rule_agreement(reading, scored["rule_phenotype"])
             warning = _rule_like(label, agreement, compared)
             version = decision = None
@@ -85,7 +89,7 @@ def recalibrate_model(model_uri: str, cohort_path: Path, label: str,
                 version, decision = _register(client, parent, package, result, cohort_path,
                                               warning)
     return RecalibrationOutcome(parent, result, int((reading.labelled & ~use).sum()),
-                                agreement, warning, version, decision)
+                                agreement, reading.summary(), warning, version, decision)
 
 
 def _rule_like(label: str, agreement: float, compared: int) -> str | None:
@@ -108,14 +112,17 @@ def _register(client, parent: dict, package: Path, result: LocalRecalibration,
     name = parent["name"]
     champion = champion_version(client, name)
     held = result.held_out
-    if not result.improves:
+    if warning is not None:
+        reason = "the local labels look like the ImmunoSep rule's own answer"
+    elif not result.improves:
         reason = "held-out local log loss and calibration did not both improve"
     elif champion != parent["version"]:
         reason = (f"it beats version {parent['version']} on held-out local patients, but "
                   f"that version is not the champion ({champion or 'none'})")
     else:
         reason = f"it beats version {parent['version']} on held-out local patients"
-    decision = GateDecision(result.improves and champion == parent["version"], reason,
+    decision = GateDecision(result.improves and warning is None and
+                            champion == parent["version"], reason,
                             {**{k: v for k, v in held.items()},
                              "test_p_value": result.before.p_value})
     with experiment_run(f"{name}-recalibration", run_name=f"recalibrate v{parent['version']}"):
@@ -126,7 +133,7 @@ def _register(client, parent: dict, package: Path, result: LocalRecalibration,
         version = log_packaged_model(package, example, spec["features"], name)
         client.set_model_version_tag(name, version, "parent_version", parent["version"])
         card = recalibration_section(client.get_model_version(name, parent["version"])
-                                     .description or "",
-                                     parent["version"], result, cohort_path, warning)
+                                     .description or "", name, version, parent["version"],
+                                     result, cohort_path, warning)
         record_decision(client, name, version, decision, card)
     return version, decision

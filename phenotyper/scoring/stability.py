@@ -56,16 +56,17 @@ class StabilityTally:
 
 def phenotype_stability(ids: np.ndarray, days: np.ndarray, model: np.ndarray, rule: np.ndarray,
                         per_patient: str = "all") -> dict[str, Any]:
-    """Consecutive samples of a patient (same id, ordered by day; id 0 or a NaN day never
-    pairs): the share that kept the model's phenotype and the rule's, each over the pairs
-    where both samples got a call. `per_patient` first/last: phenotype counts over each
+    """Consecutive samples of a patient (same id, ordered by day; id 0, a NaN day or the same
+    day twice never pairs): the share that kept the model's phenotype and the rule's, each over
+    the pairs where both samples got a call. `per_patient` first/last: phenotype counts over each
     patient's first or last sample (row order breaks ties and orders samples without a time;
     a row without an id counts on its own)."""
     rows = np.arange(len(ids))
     order = np.lexsort((rows, np.nan_to_num(days, nan=np.inf), ids))
     same = (ids[order][1:] == ids[order][:-1]) & (ids[order][1:] != 0)
     timed = np.isfinite(days[order])
-    pair = same & timed[1:] & timed[:-1]
+    # two samples at the same time are a duplicate_id issue, not a sequence
+    pair = same & timed[1:] & timed[:-1] & (days[order][1:] != days[order][:-1])
     earlier, later = order[:-1][pair], order[1:][pair]
 
     def kept(codes: np.ndarray) -> dict[str, Any]:

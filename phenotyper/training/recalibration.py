@@ -22,6 +22,9 @@ from phenotyper.calibration import (
 from phenotyper.contract import PHENOTYPES
 
 CROSS_FIT_FOLDS = 5
+# Fewer labelled patients of a phenotype than this and neither the test nor a held-out judgement
+# of a refit means much (each fold would hold one or two of them): refused, not guessed at.
+MIN_PATIENTS_PER_PHENOTYPE = 10
 
 
 class RecalibrationError(ValueError):
@@ -62,16 +65,18 @@ def recalibrate(codes: np.ndarray, proba: np.ndarray, seed: int = 0,
     codes = np.asarray(codes, dtype=np.int64)
     counts = {p: int((codes == k).sum()) for k, p in enumerate(PHENOTYPES)}
     fewest = min(counts.values())
-    if fewest < 2:
-        lacking = ", ".join(f"{p} {n}" for p, n in counts.items() if n < 2)
+    if fewest < MIN_PATIENTS_PER_PHENOTYPE:
+        lacking = ", ".join(f"{p} {n}" for p, n in counts.items()
+                            if n < MIN_PATIENTS_PER_PHENOTYPE)
         raise RecalibrationError(
-            f"recalibration needs at least 2 labelled patients of every phenotype ({lacking}); "
-            "add labelled patients, or recode the label with [labels] in a mapping file")
+            f"recalibration needs at least {MIN_PATIENTS_PER_PHENOTYPE} labelled patients of "
+            f"every phenotype the model scored ({lacking}): fewer cannot show whether the "
+            "model is off, nor judge a fix on held-out patients. Add labelled patients, or "
+            "recode the label with [labels] in a mapping file")
     before = calibration_test(codes, proba, alpha)
     if not before.miscalibrated:
         return LocalRecalibration(counts, before, None, None)
-    folds = StratifiedKFold(n_splits=min(CROSS_FIT_FOLDS, fewest), shuffle=True,
-                            random_state=seed)
+    folds = StratifiedKFold(n_splits=CROSS_FIT_FOLDS, shuffle=True, random_state=seed)
     after = np.empty_like(proba)
     for fit_rows, held_rows in folds.split(proba, codes):
         after[held_rows] = fit_matrix_scaling(codes[fit_rows], proba[fit_rows]).apply(

@@ -405,7 +405,7 @@ def test_drift_ranks_the_markers_a_shifted_site_moved_first(store, tmp_path):
     for name, markers in drift["by_site"].items():
         crp = next(m for m in markers if m["marker"] == "crp_mg_l")
         assert (crp["psi"] > PSI_THRESHOLD) == (name == shifted), (name, crp)
-    assert f"Drift from the training cohort (site {shifted}): " in result.output
+    assert f"Drift from the training patients (site {shifted}): " in result.output
     shares = drift["phenotype_shares"]
     assert sum(s["input"] for s in shares.values()) == pytest.approx(1.0)
     # the report's per-site drift table starts with the shifted site and its two markers
@@ -434,10 +434,13 @@ def test_drift_compares_this_month_with_last(store, tmp_path):
         assert scored.exit_code == 0, scored.output
     manifests = [str(tmp_path / f"{name}_scored.parquet.manifest.json")
                  for name in ("last", "this")]
+    result = runner.invoke(app, ["drift", *manifests, "--output", "."])
+    assert result.exit_code == 2 and "is a folder" in result.stderr
     result = runner.invoke(app, ["drift", *manifests, "--output", str(tmp_path / "drift.json")])
     assert result.exit_code == 0, result.output
     compared = json.loads((tmp_path / "drift.json").read_text())
     assert compared["overall"][0]["marker"] == "crp_mg_l"
+    assert "missing_share_earlier" in compared["overall"][0]
     site = compared["by_site"][shifted]
     assert site[0]["marker"] == "crp_mg_l" and "psi" in site[0]["beyond_threshold"]
     assert f"Moved (site {shifted}): crp_mg_l PSI" in result.output
@@ -456,6 +459,30 @@ def test_drift_compares_this_month_with_last(store, tmp_path):
     assert refused.exit_code == 2 and "Traceback" not in refused.output
 
 
+def test_a_small_site_is_not_flagged_for_its_sampling_noise():
+    """28 rows drawn from the training bins themselves: PSI and KS scatter beyond 0.25 and
+    0.1 by chance; the noise-raised limits keep the site unflagged (PSI is not judged on fewer
+    than 5 values a bin), while a real shift of the same small site (every value in the top
+    bin) is still flagged, by KS; at 300 rows by PSI too."""
+    from phenotyper.drift import PSI_THRESHOLD, compare
+
+    trained = {"bin_shares": [0.1] * 10, "missing_share": 0.0, "measured": 1500,
+               "patients": 1500}
+    rng = np.random.default_rng(4)
+    flagged = []
+    for _ in range(200):
+        counts = np.append(np.bincount(rng.integers(0, 10, 28), minlength=10), 0)
+        row = compare(trained, counts)
+        flagged.append(bool(row["beyond_threshold"]))
+        assert row["limits"]["psi"] is None and row["limits"]["ks_at_deciles"] > 0.1
+    assert np.mean(flagged) <= 0.03  # 1% per measure by design, three measures
+    assert compare(trained, np.array([0] * 9 + [28, 0]))["beyond_threshold"] == [
+        "ks_at_deciles"]
+    larger = compare(trained, np.array([0] * 9 + [300, 0]))
+    assert larger["limits"]["psi"] >= PSI_THRESHOLD
+    assert {"psi", "ks_at_deciles"} <= set(larger["beyond_threshold"])
+
+
 def test_an_input_like_the_training_cohort_shows_no_drift(store, tmp_path):
     cohort = tmp_path / "same.parquet"
     simulate("provide", 4000, seed=13).to_parquet(cohort)
@@ -467,3 +494,22 @@ def test_an_input_like_the_training_cohort_shows_no_drift(store, tmp_path):
         # the training split holds out whole sites, whose IL-6 and IL-10 are measured less
         # often: missingness moves by up to 0.09, inside the 0.1 threshold
         assert abs(row["missing_shift"]) < 0.1 and not row["beyond_threshold"]
+
+
+def test_a_folder_or_a_busy_port_is_one_clear_error(store, tmp_path):
+    """Outputs that are folders (model-card, drift) and a port in use (serve) exit 2 with a
+    message, not a traceback."""
+    import socket
+
+    result = runner.invoke(app, ["model-card", "batchmodel", "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder; give a file name" in result.stderr
+    result = runner.invoke(app, ["model-card", "batchmodel", "--output", "."])
+    assert result.exit_code == 2 and "is a folder" in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"Cannot serve on 127.0.0.1:{port}" in result.stderr
+    assert runner.invoke(app, ["serve", "--port", "70000"]).exit_code == 2

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from phenotyper.cli import app
-from phenotyper.cohort import DUPLICATE_ID, read_cohort, sample_days, write_table
+from phenotyper.cohort import DUPLICATE_ID, UNPARSEABLE, read_cohort, sample_days, write_table
 from phenotyper.contract import INDETERMINATE, PHENOTYPES
 from phenotyper.immunosep import PUBLISHED_RULE_STABILITY
 from phenotyper.panel import PATIENT_ID, SAMPLE_TIME
@@ -56,6 +56,11 @@ def test_a_repeated_patient_is_a_duplicate_only_at_the_same_sample_time(tmp_path
     assert "same patient_id and sample_time as row 2" in issues.detail.iloc[0]
     path.write_text("patient_id,ferritin_ng_ml\nA,100\nA,200\n")  # without sample_time: a repeat
     assert read_cohort(path).issues.kind.tolist() == [DUPLICATE_ID]
+    path.write_text("patient_id,sample_time,crp_mg_l\nA,2026-01-05,1\nA,yesterday,1\n"
+                    "B,2025-13-45,1\nC,,1\n")
+    issues = read_cohort(path).issues  # an unreadable time is an issue; a missing one is not
+    assert issues.row.tolist() == [2, 3] and set(issues.kind) == {UNPARSEABLE}
+    assert (issues.column == SAMPLE_TIME).all() and "ISO 8601" in issues.detail.iloc[0]
 
 
 def test_sample_times_are_day_numbers_or_timestamps() -> None:
@@ -74,6 +79,8 @@ def test_stability_pairs_consecutive_samples_in_time_order() -> None:
     rule = np.array([para, none, mals, mals, mals, para, mals, mals], dtype=np.int8)
     out = phenotype_stability(ids, days, model, rule, "last")
     assert out["pairs"] == 2 and out["patients_with_repeats"] == 1
+    tied = phenotype_stability(ids, np.where(ids == 1, 1.0, days), model, rule)
+    assert tied["pairs"] == 0  # three samples at one time: duplicates, not a sequence
     assert out["model"] == {"pairs": 2, "kept_share": 0.5}  # day 1->2 kept, 2->3 changed
     assert out["rule"] == {"pairs": 1, "kept_share": 0.0}  # day 1 indeterminate: one pair
     # last sample per patient: patient 1 day 3, patient 2, patient 3 (the untimed row last),

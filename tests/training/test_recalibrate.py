@@ -177,22 +177,29 @@ def test_a_hospital_with_another_phenotype_mix_gets_a_recalibrated_champion(
                                new[columns].to_numpy(), rtol=1e-6)
 
 
-def test_labels_that_are_the_rule_are_warned_about(store: Path) -> None:
+def test_labels_that_are_the_rule_are_warned_about_and_never_promoted(store: Path) -> None:
     path = write_table(simulate("immunosep-screening", 600, seed=8), store / "rule.parquet")
-    result = runner.invoke(app, ["recalibrate", "--model", "models:/m/1", "--cohort", str(path),
-                                 "--label", "phenotype_rule"])
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("m", "champion").version
+    result = runner.invoke(app, ["recalibrate", "--model", "models:/m@champion", "--cohort",
+                                 str(path), "--label", "phenotype_rule"])
     assert result.exit_code == 0, result.output
     assert "looks like the rule's own answer" in result.stderr
+    assert "not promoted: the local labels look like the ImmunoSep rule's own answer" in (
+        result.stdout)
+    assert client.get_model_version_by_alias("m", "champion").version == champion
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--label", "phenotype"], "label column 'phenotype' is not in"),
+    (["--label", "phenotype_true", "--model", "models:/m/1"],
+     "needs at least 10 labelled patients of every phenotype"),
     (["--label", "phenotype_true", "--model", "runs:/abc/model"], "give a registered model"),
     (["--label", "phenotype_true", "--model", "models:/nosuch@champion"], "Cannot load model"),
 ])
 def test_a_wrong_request_is_one_clear_error(store: Path, arguments: list[str],
                                             message: str) -> None:
-    path = write_table(simulate("provide", 50, seed=9), store / "small.parquet")
+    path = write_table(simulate("provide", 30, seed=9), store / "small.parquet")
     result = runner.invoke(app, ["recalibrate", "--cohort", str(path), *arguments])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
