@@ -93,6 +93,10 @@ def test_malformed_requests_get_400_with_a_message(server: str) -> None:
     assert status == 400 and answer.get("message")
     status, answer = post(server, b'{"records": []}')
     assert status == 400 and answer.get("message")
+    for name in ("explain", "rejected_values"):  # the reason, not MLflow's generic message
+        status, answer = post(server, json.dumps({"dataframe_records": _patients(1),
+                                                  "params": {name: "bogus"}}).encode())
+        assert status == 400 and f"params.{name} must be one of" in answer["message"], answer
 
 
 def test_whole_numbers_text_and_odd_codes_are_scored_or_flagged_row_by_row(server) -> None:
