@@ -792,6 +792,10 @@ def _print_report(report: QualityReport) -> None:
     console.print(Text(
         f"{report.source}: {report.n_rows:,} rows, {report.n_issues:,} issues on "
         f"{report.n_rows_with_issues:,} rows ({share:.1f}%)", style="bold"))
+    if report.timed and report.patients < report.n_rows:
+        console.print(Text(f"Repeated samples: {report.n_rows:,} rows of {report.patients:,} "
+                           "patients, ordered by sample_time (a repeat at the same time is a "
+                           "duplicate_id issue)."))
     markers = Table(title="Columns (canonical units)")
     markers.add_column("column", overflow="fold")
     markers.add_column("read from", overflow="fold")

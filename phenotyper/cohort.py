@@ -1503,6 +1503,8 @@ class QualityReport:
     issues: tuple[IssueCount, ...]
     absent: tuple[str, ...]  # canonical columns the file does not have
     unmapped: dict[str, str]  # file column -> absent canonical column it looks like
+    patients: int = 0  # distinct patient ids
+    timed: bool = False  # whether rows carry a sample_time (repeated samples of a patient)
 
 
 def quality_report(cohort: Cohort) -> QualityReport:
@@ -1540,4 +1542,6 @@ def quality_report(cohort: Cohort) -> QualityReport:
         absent=absent,
         unmapped={name: canonical for name, canonical in suggested.items()
                   if canonical in absent},
+        patients=int(data[PATIENT_ID].nunique()),
+        timed=SAMPLE_TIME in data,
     )

@@ -103,13 +103,20 @@ def _rule_like(label: str, agreement: float, compared: int) -> str | None:
 def _register(client, parent: dict, package: Path, result: LocalRecalibration,
               cohort_path: Path, warning: str | None) -> tuple[str, GateDecision]:
     """Write the composed map into the package, register it, tag it, apply the decision."""
+    name, digest = parent["name"], file_sha256(cohort_path)
+    for earlier in client.search_model_versions(f"name='{name}'"):
+        if (earlier.tags.get("parent_version") == parent["version"] and
+                earlier.tags.get("recalibration.cohort_sha256") == digest):
+            raise RecalibrationError(
+                f"version {earlier.version} is already version {parent['version']} "
+                f"recalibrated on this cohort (same SHA-256); nothing registered. Use "
+                f"models:/{name}/{earlier.version}, or recalibrate on new patients")
     spec_path = package / SPEC_FILE
     spec = json.loads(spec_path.read_text())
     spec["calibration"] = compose(result.mapping, spec["calibration"], len(spec["classes"]))
     spec["recalibration"] = {**result.as_dict(), "parent_version": parent["version"],
-                             "cohort_sha256": file_sha256(cohort_path)}  # a new key
+                             "cohort_sha256": digest}  # a new key
     spec_path.write_text(json.dumps(spec, indent=1))
-    name = parent["name"]
     champion = champion_version(client, name)
     held = result.held_out
     if warning is not None:
@@ -132,6 +139,7 @@ def _register(client, parent: dict, package: Path, result: LocalRecalibration,
         example = simulate(EXAMPLE_PRESET, 3, seed=0)
         version = log_packaged_model(package, example, spec["features"], name)
         client.set_model_version_tag(name, version, "parent_version", parent["version"])
+        client.set_model_version_tag(name, version, "recalibration.cohort_sha256", digest)
         card = recalibration_section(client.get_model_version(name, parent["version"])
                                      .description or "", name, version, parent["version"],
                                      result, cohort_path, warning)

@@ -63,6 +63,13 @@ def test_a_repeated_patient_is_a_duplicate_only_at_the_same_sample_time(tmp_path
     assert (issues.column == SAMPLE_TIME).all() and "ISO 8601" in issues.detail.iloc[0]
 
 
+def test_validate_says_how_many_patients_the_samples_are_of(tmp_path: Path) -> None:
+    path = write_table(simulate("provide", 300, seed=4, samples=2), tmp_path / "two.csv")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Repeated samples: 600 rows of 300 patients, ordered by sample_time" in result.stdout
+
+
 def test_sample_times_are_day_numbers_or_timestamps() -> None:
     np.testing.assert_allclose(sample_days(pd.Series(["1", "2.5", None])), [1, 2.5, np.nan])
     days = sample_days(pd.Series(["2026-01-05T08:00", "2026-01-06 20:00", "later"]))

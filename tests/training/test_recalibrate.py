@@ -157,6 +157,10 @@ def test_a_hospital_with_another_phenotype_mix_gets_a_recalibrated_champion(
     card = champion.description
     assert card.startswith(f"**{SYNTHETIC_MODEL_BANNER}**")
     assert "## Local recalibration of version 1" in card and "## Model" in card
+    again = runner.invoke(app, ["recalibrate", "--model", "models:/m/1", "--cohort", str(path),
+                                "--label", "phenotype_true"])
+    assert again.exit_code == 2 and f"version {champion.version} is already version 1 " \
+        "recalibrated on this cohort" in again.stderr
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     model = mlflow.pyfunc.load_model(f"models:/m/{champion.version}")
