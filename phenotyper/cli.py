@@ -497,8 +497,7 @@ def _drifted(drift: dict | None, shown: int = 3) -> list[tuple[str, str]]:
     if not drift:
         return []
 
-    def moved(markers: list[dict]) -> list[dict]:
-        return [m for m in markers if m["beyond_threshold"]]
+    from phenotyper.drift import flagged, sites_most_moved
 
     def said(marker: dict) -> str:
         parts = []
@@ -511,11 +510,10 @@ def _drifted(drift: dict | None, shown: int = 3) -> list[tuple[str, str]]:
                          f"{key.removeprefix('missing_share_')})")
         return f"{marker['marker']} " + ", ".join(parts)
 
-    sites = sorted(((f"site {site}", moved(markers)) for site, markers in
-                    drift["by_site"].items()),
-                   key=lambda item: -max((m["psi"] or 0 for m in item[1]), default=0))
+    scopes = [("all rows", flagged(drift["overall"])),
+              *((f"site {site}", markers) for site, markers in sites_most_moved(drift))]
     return [(scope, "; ".join(said(m) for m in markers[:shown]))
-            for scope, markers in [("all rows", moved(drift["overall"])), *sites] if markers]
+            for scope, markers in scopes if markers]
 
 
 def _print_drift(console: Console, lines: list[tuple[str, str]], lead: str) -> None:

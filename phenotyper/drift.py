@@ -131,7 +131,7 @@ def compare(trained: dict[str, Any], counts: np.ndarray) -> dict[str, Any]:
     expected = np.array(trained["bin_shares"])
     missing_share = float(counts[-1] / rows) if rows else None
     result: dict[str, Any] = {
-        "patients": int(rows), "bin_counts": np.asarray(counts).astype(int).tolist(),
+        "patients": int(rows), "bin_counts": counts.astype(int).tolist(),
         "psi": None, "ks_at_deciles": None, "outside_share": None,
         "outside_share_training": float(expected[0] + expected[-1]),
         "missing_share": missing_share, "missing_share_training": trained["missing_share"],
@@ -173,6 +173,19 @@ def _limits(trained: dict[str, Any], bins: int, measured: int, rows: int
                              float(kstwobign.ppf(NOISE_QUANTILE) * np.sqrt(both_measured))),
         "missing_shift": max(MISSING_SHIFT_THRESHOLD, float(
             norm.ppf(1 - (1 - NOISE_QUANTILE) / 2) * np.sqrt(p * (1 - p) * both_rows)))}
+
+
+def flagged(markers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The markers beyond a threshold, in the order given (the most moved first)."""
+    return [marker for marker in markers if marker["beyond_threshold"]]
+
+
+def sites_most_moved(drift: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(site, its flagged markers) for each site with any, the site whose PSI moved most
+    first: what the console and the report list."""
+    sites = [(site, flagged(markers)) for site, markers in drift["by_site"].items()]
+    return sorted(((site, markers) for site, markers in sites if markers),
+                  key=lambda item: -max(m["psi"] or 0 for m in item[1]))
 
 
 def profile_digest(profile: dict[str, Any]) -> str:

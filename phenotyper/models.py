@@ -190,8 +190,8 @@ class LogitRecalibrated(ClassifierMixin, BaseEstimator):
         self.base_ = clone(self.base).fit(X, y)
         self.classes_ = self.base_.classes_
         codes = pd.Categorical(y, categories=self.classes_).codes
-        self.map_ = fit_matrix_scaling(codes, proba)
-        self.calibration_matrix_, self.calibration_intercept_ = self.map_.on_logits()
+        self.calibration_matrix_, self.calibration_intercept_ = fit_matrix_scaling(
+            codes, proba).on_logits()
         return self
 
     def decision_function(self, X: pd.DataFrame) -> np.ndarray:

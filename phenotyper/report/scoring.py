@@ -23,6 +23,7 @@ from phenotyper.contract import (
     SYNTHETIC_BANNER,
     VALUE_SET_ASIDE,
 )
+from phenotyper.drift import sites_most_moved
 from phenotyper.plots import png_bytes
 from phenotyper.plots.scoring import (
     MODEL_NAME,
@@ -238,10 +239,7 @@ def _drift(drift: dict[str, Any] | None) -> dict[str, Any] | None:
 
     header = ["marker", "PSI", "KS at deciles", "outside the training deciles (training)",
               "missing (training)", "beyond a threshold"]
-    moved = sorted(((site, [m for m in markers if m["beyond_threshold"]])
-                    for site, markers in drift["by_site"].items()),
-                   key=lambda item: -max((m["psi"] or 0 for m in item[1]), default=0))
-    moved = [(site, markers) for site, markers in moved if markers]
+    moved = sites_most_moved(drift)
     return {
         "thresholds": {key: f"{value:g}" for key, value in drift["thresholds"].items()},
         "header": header, "overall": [marker_row(row) for row in drift["overall"]],

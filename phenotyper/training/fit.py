@@ -126,7 +126,7 @@ def split_cohort(spec: ExperimentSpec, cohort: pd.DataFrame) -> tuple[np.ndarray
     key = SITE_ID if spec.split_by == "site" else PATIENT_ID
     if key not in cohort or cohort[key].isna().all():
         raise ExperimentError(f"split by {spec.split_by} needs a '{key}' column in the cohort")
-    groups = cohort[key].astype("string").fillna("<missing>").to_numpy()
+    groups = _groups(spec, cohort)
     if len(np.unique(groups)) < 2:
         raise ExperimentError(f"split by {spec.split_by} needs at least two distinct {key}s")
     if spec.split_by == "time":
@@ -152,12 +152,11 @@ def _split_by_time(spec: ExperimentSpec, cohort: pd.DataFrame, groups: np.ndarra
             f"{SAMPLE_TIME} (first data rows {', '.join(map(str, rows))}, values "
             f"{', '.join(repr(v) for v in cohort[SAMPLE_TIME].iloc[rows - 1])}); give a "
             "timestamp or a day number, or split by patient")
-    first = pd.Series(days).groupby(groups).min().sort_index(kind="stable")
+    first = pd.Series(days).groupby(groups).min()  # by patient id, so ties go by id
     order = first.sort_values(kind="stable").index.to_numpy()
     n_test = int(np.ceil(spec.test_size * len(order))) if spec.test_size < 1 else \
         int(spec.test_size)
-    latest = set(order[len(order) - n_test:])
-    test = np.array([group in latest for group in groups])
+    test = np.isin(groups, order[len(order) - n_test:])
     return np.flatnonzero(~test), np.flatnonzero(test)
 
 
